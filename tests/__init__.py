@@ -1,0 +1,1 @@
+"""Tests (CPU, tiny model)."""

@@ -1,0 +1,155 @@
+"""The ai-toolkit job format: the seed's example loads, mistakes get one clear message."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import yaml
+
+from wan_assets.cli import main
+from wan_assets.core.config import ConfigError, load_config, parse_config
+
+from .conftest import CONFIGS
+
+SEED = CONFIGS / "i2v_lora_alpha_scheduling.yaml"
+
+
+@pytest.fixture
+def seed_raw() -> dict:
+    return yaml.safe_load(SEED.read_text())
+
+
+def _process(raw: dict) -> dict:
+    return raw["config"]["process"][0]
+
+
+def test_seed_example_loads_with_inert_keys_in_one_warning(workdir: Path) -> None:
+    loaded = load_config(SEED, workdir=workdir)
+    job = loaded.job
+    assert job.name == "video_lora_training"
+    assert job.experts == ("high_noise", "low_noise")
+    net = job.process.network
+    assert (net.linear, net.linear_alpha) == (64, 16)
+    phases = net.alpha_schedule.phases_for("low_noise")
+    assert [(name, p.alpha, p.min_steps) for name, p in phases] == [
+        ("foundation", 8, 2000),
+        ("balance", 14, 3000),
+        ("emphasis", 20, 2000),
+    ]
+    assert phases[0][1].exit_criteria.loss_improvement_rate_below == 0.005
+    assert job.process.train.optimizer == "automagic"
+    assert job.process.train.optimizer_params.lr_bump == 5e-6
+    assert job.process.train.switch_boundary_every == 100
+    assert job.process.datasets[0].folder_path == (workdir / "clips").resolve()
+    assert len(loaded.warnings) == 1
+    for key in ("network.conv", "model.quantize", "model.qtype", "train.ema_config", "sample.walk_seed"):
+        assert key in loaded.warnings[0]
+
+
+def test_all_shipped_configs_load(workdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WAN22_I2V_PATH", "/models/wan22")
+    for path in sorted(CONFIGS.glob("*.yaml")):
+        assert load_config(path, workdir=workdir).job.name
+
+
+@pytest.mark.parametrize(
+    ("section", "key", "expected"),
+    [
+        ("network", "lineer", "network.lineer: unknown key; did you mean linear?"),
+        (
+            "train",
+            "gradient_checkpoint",
+            "train.gradient_checkpoint: unknown key; did you mean gradient_checkpointing?",
+        ),
+        ("datasets", "caption_extt", "datasets[0].caption_extt: unknown key; did you mean caption_ext?"),
+    ],
+)
+def test_typo_names_key_path_and_closest_key(seed_raw, workdir, section, key, expected) -> None:
+    target = _process(seed_raw)[section]
+    (target[0] if isinstance(target, list) else target)[key] = 1
+    with pytest.raises(ConfigError) as err:
+        parse_config(seed_raw, workdir=workdir)
+    assert str(err.value) == expected
+
+
+def test_typo_inside_a_named_phase(seed_raw, workdir) -> None:
+    phases = _process(seed_raw)["network"]["alpha_schedule"]["conv_alpha_phases"]
+    phases["balance"]["exit_criteria"]["min_loss_r3"] = 0.1
+    with pytest.raises(
+        ConfigError, match=r"balance\.exit_criteria\.min_loss_r3: unknown key; did you mean min_loss_r2\?"
+    ):
+        parse_config(seed_raw, workdir=workdir)
+
+
+def test_env_and_name_substitution(seed_raw, workdir, monkeypatch) -> None:
+    monkeypatch.setenv("MY_TRIGGER", "zq7")
+    _process(seed_raw)["trigger_word"] = "${MY_TRIGGER}"
+    _process(seed_raw)["training_folder"] = "runs/[name]"
+    job = parse_config(seed_raw, workdir=workdir).job
+    assert job.process.trigger_word == "zq7"
+    assert job.process.training_folder == (workdir / "runs" / "video_lora_training").resolve()
+
+
+def test_missing_env_var_is_a_clear_error(seed_raw, workdir, monkeypatch) -> None:
+    monkeypatch.delenv("WAN_NOT_SET_ANYWHERE", raising=False)
+    _process(seed_raw)["model"]["name_or_path"] = "${WAN_NOT_SET_ANYWHERE}/wan"
+    with pytest.raises(ConfigError, match="environment variable WAN_NOT_SET_ANYWHERE is not set"):
+        parse_config(seed_raw, workdir=workdir)
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda p: p["datasets"][0].update(num_frames=32), r"num_frames must be 4k\+1.*use 29 or 33"),
+        (
+            lambda p: p["model"]["model_kwargs"].update(train_high_noise=False, train_low_noise=False),
+            "trains no expert",
+        ),
+        (lambda p: p["network"].update(linear=0), r"network\.linear: .*rank\) must be > 0"),
+        (
+            lambda p: p["datasets"][0].update(folder_path="/no/such/folder"),
+            "folder /no/such/folder does not exist",
+        ),
+        (lambda p: p["train"].update(optimizer="sgd"), r"train\.optimizer: Input should be"),
+    ],
+)
+def test_cross_field_rules(seed_raw, workdir, edit, message) -> None:
+    raw = copy.deepcopy(seed_raw)
+    edit(_process(raw))
+    with pytest.raises(ConfigError, match=message):
+        parse_config(raw, workdir=workdir)
+
+
+def test_single_expert_and_per_expert_phase_override(seed_raw, workdir) -> None:
+    process = _process(seed_raw)
+    process["model"]["model_kwargs"]["train_high_noise"] = False
+    process["network"]["alpha_schedule"]["per_expert"] = {"low_noise": {"foundation": {"alpha": 4}}}
+    job = parse_config(seed_raw, workdir=workdir).job
+    assert job.experts == ("low_noise",)
+    schedule = job.process.network.alpha_schedule
+    assert schedule.phases_for("low_noise")[0][1].alpha == 4
+    assert schedule.phases_for("high_noise")[0][1].alpha == 8
+    assert schedule.phases_for("low_noise")[0][1].min_steps == 2000
+
+
+def test_models_are_frozen(workdir) -> None:
+    job = load_config(SEED, workdir=workdir).job
+    with pytest.raises(Exception, match="frozen"):
+        job.process.train.lr = 1.0
+
+
+def test_check_command(workdir, capsys) -> None:
+    assert main(["check", str(SEED), "--workdir", str(workdir)]) == 0
+    out, err = capsys.readouterr()
+    assert "video_lora_training" in out and "alpha_schedule" in out
+    assert "no effect here" in err and "network.conv" in err
+
+
+def test_check_command_fails_with_one_line(tmp_path, workdir, capsys) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(SEED.read_text().replace("linear: 64", "lineer: 64"))
+    assert main(["check", str(bad), "--workdir", str(workdir)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err == f"error: {bad}: network.lineer: unknown key; did you mean linear?"

@@ -1,0 +1,95 @@
+"""`wan-assets`: the command line (DESIGN 8). Each command is a thin call into `wan_assets.core`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from wan_assets.core.config import ConfigError, dump_config, load_config
+from wan_assets.core.workdir import TINY_CONFIG, Workdir
+
+# Errors that are the user's to fix: printed as one line, exit status 1, no traceback.
+USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, FileNotFoundError)
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    workdir = Workdir.open(args.workdir)
+    workdir.ensure_sample_clips()
+    loaded = load_config(args.config, workdir=workdir.root)
+    print(dump_config(loaded.job), end="")
+    for warning in loaded.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    print(f"ok: {args.config} is valid ({', '.join(loaded.job.experts)})", file=sys.stderr)
+    return 0
+
+
+def cmd_tiny_model(args: argparse.Namespace) -> int:
+    from wan_assets.core.tiny_model import build_tiny_model
+
+    out = build_tiny_model(Path(args.dir), seed=args.seed)
+    print(f"tiny Wan 2.2 I2V model written to {out}")
+    return 0
+
+
+def cmd_sample_videos(args: argparse.Namespace) -> int:
+    from wan_assets.core.synthetic import write_sample_videos
+
+    clips = write_sample_videos(Path(args.dir), seed=args.seed)
+    print(f"{len(clips)} synthetic clips with captions written to {args.dir}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    workdir = Workdir.open(args.workdir)
+    print(f"workdir: {workdir.root}")
+    clips = workdir.ensure_sample_clips()
+    print(f"clips:   {clips}")
+    model = workdir.ensure_tiny_model()
+    print(f"model:   {model}")
+    loaded = load_config(TINY_CONFIG, workdir=workdir.root)
+    print(f"config:  {TINY_CONFIG} ({loaded.job.name}; experts {', '.join(loaded.job.experts)})")
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="wan-assets", description="Wan 2.2 I2V LoRA training as a Dagster asset graph."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def add(name: str, func: Callable[[argparse.Namespace], int], help: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=help)
+        p.add_argument(
+            "--workdir", default=None, help="work folder (default: $WAN_ASSETS_HOME, else ./.wan_assets)"
+        )
+        p.set_defaults(func=func)
+        return p
+
+    add("demo", cmd_demo, "build the tiny model and clips if absent and run the pipeline on them")
+    p = add("check", cmd_check, "validate a config: print it resolved, with warnings; exit 1 on error")
+    p.add_argument("config")
+    p = add("tiny-model", cmd_tiny_model, "write the embedded tiny Wan 2.2 I2V model to DIR")
+    p.add_argument("dir")
+    p.add_argument("--seed", type=int, default=0)
+    p = add("sample-videos", cmd_sample_videos, "write the synthetic clips with captions to DIR")
+    p.add_argument("dir")
+    p.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except USER_ERRORS as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Plain-Python core: tensors, files and models; never imports dagster."""

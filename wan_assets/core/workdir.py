@@ -1,0 +1,59 @@
+"""The workdir (DESIGN 8): latent cache, metrics database, Dagster instance, runs and example data."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from wan_assets.core.config import default_workdir
+
+TINY_MODEL_DIRNAME = "models/wan22-i2v-tiny"
+REPO_CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+TINY_CONFIG = REPO_CONFIGS / "tiny_cpu.yaml"
+
+
+@dataclass(frozen=True)
+class Workdir:
+    root: Path
+
+    @classmethod
+    def open(cls, path: str | Path | None = None) -> Workdir:
+        root = Path(path).resolve() if path is not None else default_workdir()
+        root.mkdir(parents=True, exist_ok=True)
+        return cls(root)
+
+    @property
+    def clips(self) -> Path:
+        return self.root / "clips"
+
+    @property
+    def tiny_model(self) -> Path:
+        return self.root / TINY_MODEL_DIRNAME
+
+    @property
+    def cache(self) -> Path:
+        return self.root / "cache"
+
+    @property
+    def database(self) -> Path:
+        return self.root / "metrics.duckdb"
+
+    @property
+    def dagster_home(self) -> Path:
+        return self.root / "dagster"
+
+    def ensure_sample_clips(self) -> Path:
+        """The synthetic clip set that the shipped configs train on, written once."""
+        from wan_assets.core.synthetic import write_sample_videos
+
+        if not self.clips.is_dir() or not any(self.clips.iterdir()):
+            write_sample_videos(self.clips)
+        return self.clips
+
+    def ensure_tiny_model(self) -> Path:
+        """The embedded tiny Wan 2.2 I2V model, built once (model_index.json is written last)."""
+        from wan_assets.core.tiny_model import build_tiny_model
+
+        if not (self.tiny_model / "model_index.json").is_file():
+            build_tiny_model(self.tiny_model)
+        return self.tiny_model
