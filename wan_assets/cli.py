@@ -25,6 +25,40 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def _load(args: argparse.Namespace):
+    workdir = Workdir.open(args.workdir)
+    workdir.ensure_sample_clips()
+    loaded = load_config(args.config, workdir=workdir.root)
+    for warning in loaded.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    workdir.ensure_model(loaded.job.process.model.name_or_path)
+    return workdir, loaded.job
+
+
+def cmd_cache(args: argparse.Namespace) -> int:
+    from wan_assets.core.cache import EncoderHandle, cache_dataset
+    from wan_assets.core.progress import progress
+
+    workdir, job = _load(args)
+    encoder = EncoderHandle.create(job.process.model.name_or_path)
+    report = cache_dataset(
+        job, workdir.cache, encoder, progress=lambda it: progress(it, desc="caching clips")
+    )
+    for row in report.index.table():
+        print(
+            f"{row['bucket']:>14}  {row['split']:>5}  {row['clips']:>3} clips  {row['bytes'] / 1e6:8.2f} MB"
+        )
+    print(f"index: {workdir.cache / 'index' / (job.name + '.json')} ({len(report.index.clips)} clips)")
+    for path, warning in report.warnings.items():
+        print(f"warning: {path}: {warning}", file=sys.stderr)
+    if report.failures:
+        print(f"{len(report.failures)} clip(s) failed:", file=sys.stderr)
+        for reason in report.failures.values():
+            print(f"  {reason}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def cmd_tiny_model(args: argparse.Namespace) -> int:
     from wan_assets.core.tiny_model import build_tiny_model
 
@@ -69,6 +103,8 @@ def _parser() -> argparse.ArgumentParser:
 
     add("demo", cmd_demo, "build the tiny model and clips if absent and run the pipeline on them")
     p = add("check", cmd_check, "validate a config: print it resolved, with warnings; exit 1 on error")
+    p.add_argument("config")
+    p = add("cache", cmd_cache, "build the latent cache without Dagster; list failed clips, exit 1 if any")
     p.add_argument("config")
     p = add("tiny-model", cmd_tiny_model, "write the embedded tiny Wan 2.2 I2V model to DIR")
     p.add_argument("dir")

@@ -571,9 +571,8 @@ def _resolve_paths(job: JobConfig, workdir: str | Path | None, where: str) -> Jo
     if validation.folder_path is not None and not validation.folder_path.is_dir():
         raise ConfigError(f"{where}validation.folder_path: folder {validation.folder_path} does not exist")
     model = job.process.model
-    model_path = Path(model.name_or_path)
-    if not model_path.is_absolute() and (base / model_path).exists():
-        model = model.model_copy(update={"name_or_path": str((base / model_path).resolve())})
+    if _is_workdir_relative(model.name_or_path, base):
+        model = model.model_copy(update={"name_or_path": str((base / model.name_or_path).resolve())})
     process = job.process.model_copy(
         update={
             "datasets": datasets,
@@ -583,6 +582,14 @@ def _resolve_paths(job: JobConfig, workdir: str | Path | None, where: str) -> Jo
         }
     )
     return job.model_copy(update={"process": process})
+
+
+def _is_workdir_relative(name_or_path: str, base: Path) -> bool:
+    """`./x`, `a/b/c` or an existing `<workdir>/owner/name` are folders; a bare `owner/name` is a hub id."""
+    path = Path(name_or_path)
+    if path.is_absolute() or name_or_path.startswith("~"):
+        return False
+    return name_or_path.startswith(".") or name_or_path.count("/") != 1 or (base / path).exists()
 
 
 def default_workdir() -> Path:

@@ -50,8 +50,14 @@ class Workdir:
             write_sample_videos(self.clips)
         return self.clips
 
+    def ensure_model(self, name_or_path: str) -> str:
+        """Build the embedded tiny model when a config points at it and it is not there yet."""
+        if Path(name_or_path) == self.tiny_model:
+            self.ensure_tiny_model()
+        return name_or_path
+
     def ensure_tiny_model(self) -> Path:
-        """The embedded tiny Wan 2.2 I2V model, built once (model_index.json is written last)."""
+        """The embedded tiny Wan 2.2 I2V model, built once (atomically: a folder appears whole)."""
         from wan_assets.core.tiny_model import build_tiny_model
 
         if not (self.tiny_model / "model_index.json").is_file():
