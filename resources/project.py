@@ -1,0 +1,52 @@
+"""Where the project's files live and which job config the graph runs: swapped per environment."""
+
+import os
+from functools import cached_property
+
+from dagster import ConfigurableResource
+
+from wan_assets.core.cache import ClipSource, EncoderHandle, discover_clips
+from wan_assets.core.config import JobConfig, load_config
+from wan_assets.core.workdir import TINY_CONFIG, Workdir
+
+
+def default_config_path() -> str:
+    return os.environ.get("WAN_ASSETS_CONFIG") or str(TINY_CONFIG)
+
+
+class WanProjectResource(ConfigurableResource):
+    """The job config file and the workdir (latent cache, runs, metrics database, example data).
+
+    `device` picks where encoders run: "auto" is the first CUDA device when there is one.
+    """
+
+    config_path: str = default_config_path()
+    workdir: str = ""
+    device: str = "auto"
+
+    @cached_property
+    def _workdir(self) -> Workdir:
+        wd = Workdir.open(self.workdir or None)
+        wd.ensure_sample_clips()
+        return wd
+
+    def root(self) -> Workdir:
+        return self._workdir
+
+    def job(self) -> JobConfig:
+        return load_config(self.config_path, workdir=self._workdir.root).job
+
+    def clips(self) -> list[ClipSource]:
+        return discover_clips(self.job())
+
+    def source(self, partition_key: str) -> ClipSource:
+        for source in self.clips():
+            if source.key == partition_key:
+                return source
+        raise FileNotFoundError(
+            f"clip {partition_key!r} is no longer under the dataset folders of {self.config_path}"
+        )
+
+    def encoder(self) -> EncoderHandle:
+        model_path = self._workdir.ensure_model(self.job().process.model.name_or_path)
+        return EncoderHandle.create(model_path, self.device)

@@ -1,0 +1,1 @@
+"""Dagster assets: thin calls into `wan_assets.core` that report what happened."""

@@ -1,0 +1,183 @@
+"""Data assets (DESIGN 4): raw_videos -> captions -> latents (one partition per clip) -> latent_cache.
+
+Each body is one call into `wan_assets.core.cache` plus metadata. A bad clip fails its own partition
+with a message naming the file and the reason; every other clip goes on.
+"""
+
+import hashlib
+from dataclasses import asdict
+
+from dagster import (
+    AllPartitionMapping,
+    AssetCheckResult,
+    AssetCheckSeverity,
+    AssetCheckSpec,
+    AssetExecutionContext,
+    AssetIn,
+    AutomationCondition,
+    DataVersion,
+    DynamicPartitionsDefinition,
+    Failure,
+    MetadataValue,
+    Output,
+    asset,
+)
+
+from resources.project import WanProjectResource
+from wan_assets.core.cache import (
+    CLIP_ERRORS,
+    ClipProbe,
+    ClipRecord,
+    build_index,
+    caption_clip,
+    encode_clip,
+    probe_clip,
+)
+from wan_assets.core.latents import content_key
+from wan_assets.metadata import table_metadata
+
+videos = DynamicPartitionsDefinition(name="videos")
+
+# Per-clip assets run as soon as their clip (partition) appears or changes upstream.
+PER_CLIP = AutomationCondition.eager()
+# The index follows its clips, also when some clips failed (eager() would wait on missing ones).
+INDEX = (
+    AutomationCondition.any_deps_updated().since_last_handled()
+    & ~AutomationCondition.any_deps_in_progress()
+    & ~AutomationCondition.in_progress()
+)
+
+
+def _clip_failure(context: AssetExecutionContext, exc: Exception) -> Failure:
+    context.log.error(str(exc))
+    return Failure(description=str(exc), metadata={"reason": str(exc)}, allow_retries=False)
+
+
+@asset(partitions_def=videos, group_name="data", automation_condition=PER_CLIP, code_version="1")
+def raw_videos(context: AssetExecutionContext, project: WanProjectResource) -> Output[dict]:
+    """One video clip under a dataset folder: probed with PyAV (fps, frames, size, codec), its sha256
+    the data version, so a re-encoded or replaced file flows downstream and an untouched one does not."""
+    source = project.source(context.partition_key)
+    try:
+        probe = probe_clip(source)
+    except CLIP_ERRORS as exc:
+        raise _clip_failure(context, exc) from None
+    return Output(
+        asdict(probe),
+        data_version=DataVersion(probe.sha256),
+        metadata={
+            "path": MetadataValue.path(probe.path),
+            "sha256": probe.sha256,
+            "bytes": probe.bytes,
+            "fps": probe.fps,
+            "num_frames": probe.num_frames,
+            "duration_s": round(probe.duration_s, 3),
+            "width": probe.width,
+            "height": probe.height,
+            "codec": probe.codec,
+        },
+    )
+
+
+@asset(
+    partitions_def=videos,
+    group_name="data",
+    deps=[raw_videos],
+    automation_condition=PER_CLIP,
+    code_version="1",
+    check_specs=[
+        AssetCheckSpec(
+            "caption_not_empty",
+            asset="captions",
+            blocking=True,
+            description="The caption has words: an empty caption teaches nothing and blocks its latents",
+        )
+    ],
+)
+def captions(context: AssetExecutionContext, project: WanProjectResource):
+    """The clip's sidecar caption (`caption_ext`), with `[trigger]` / `[name]` replaced by the trigger
+    word (prepended when absent), or `default_caption` when the file is missing."""
+    try:
+        caption = caption_clip(project.source(context.partition_key), project.job())
+    except CLIP_ERRORS as exc:
+        raise _clip_failure(context, exc) from None
+    yield Output(
+        caption,
+        data_version=DataVersion(hashlib.sha256(caption.encode()).hexdigest()),
+        metadata={"caption": caption, "words": len(caption.split())},
+    )
+    yield AssetCheckResult(
+        check_name="caption_not_empty",
+        passed=bool(caption.strip()),
+        severity=AssetCheckSeverity.ERROR,
+        metadata={"caption": caption},
+    )
+
+
+@asset(partitions_def=videos, group_name="data", automation_condition=PER_CLIP, code_version="1")
+def latents(
+    context: AssetExecutionContext, project: WanProjectResource, raw_videos: dict, captions: str
+) -> Output[dict]:
+    """VAE latents of the sampled frames (normalised), the I2V condition (mask + first-frame latent)
+    and UMT5 embeddings of the caption and the empty caption, in content-addressed safetensors.
+    Unchanged inputs find their files and encode nothing; the data version stays the same."""
+    encoder = project.encoder()
+    try:
+        record = encode_clip(
+            project.source(context.partition_key),
+            ClipProbe(**raw_videos),
+            captions,
+            project.job(),
+            encoder,
+            project.root().cache,
+        )
+    except CLIP_ERRORS as exc:
+        raise _clip_failure(context, exc) from None
+    if record.warning:
+        context.log.warning(f"{record.path}: {record.warning}")
+    return Output(
+        record.to_json(),
+        data_version=DataVersion(record.data_version),
+        metadata={
+            "bucket": record.bucket,
+            "variants": len(record.variants),
+            "frame_indices": MetadataValue.json([list(v.indices) for v in record.variants]),
+            "vae_calls": encoder.num_vae_calls,
+            "text_encoder_calls": encoder.num_text_calls,
+            "speedup": record.speedup,
+            "files": MetadataValue.json([v.file for v in record.variants] + [record.text_file]),
+        },
+    )
+
+
+@asset(
+    group_name="data",
+    ins={
+        "latents": AssetIn(
+            partition_mapping=AllPartitionMapping(), metadata={"allow_missing_partitions": True}
+        )
+    },
+    automation_condition=INDEX,
+    code_version="1",
+)
+def latent_cache(
+    context: AssetExecutionContext, project: WanProjectResource, latents: dict[str, dict]
+) -> Output[dict]:
+    """The bucket index over every good clip's latents (train / held-out split included): the only
+    thing training reads. Clips whose partitions failed or were removed are not in it."""
+    job = project.job()
+    records = [ClipRecord.from_json(r) for r in latents.values()]
+    index = build_index(job, records, project.root().cache)
+    rows = index.table()
+    version = content_key(**{k: r.data_version for k, r in index.clips.items()}, splits=index.splits)
+    context.log.info(f"latent index of {len(records)} clips in {len(rows)} bucket/split groups")
+    return Output(
+        {"index": str(project.root().cache / "index" / f"{job.name}.json"), "clips": len(records)},
+        data_version=DataVersion(version),
+        metadata={
+            "clips": len(records),
+            "train_clips": sum(1 for s in index.splits.values() if s == "train"),
+            "val_clips": sum(1 for s in index.splits.values() if s == "val"),
+            "buckets": table_metadata(rows),
+        },
+    )
