@@ -1,0 +1,307 @@
+"""Optimizers per expert, automagic's lr mask, exact resume, gradient stability and clipping."""
+
+from __future__ import annotations
+
+import io
+import math
+
+import pytest
+import torch
+
+from wan_assets.core.config import ConfigError, OptimizerParams, TrainConfig
+from wan_assets.core.optim import (
+    Automagic,
+    GradientStability,
+    build_optimizer,
+    clip_grad_norm,
+    group_lr,
+)
+
+OPTIMIZERS = ["adamw", "adamw8bit", "automagic"]
+# torchao's own warning about its tensor subclass and torch.compile caching; nothing to act on here.
+pytestmark = pytest.mark.filterwarnings("ignore:OptimState8bit does not implement:UserWarning")
+
+
+def _train(optimizer: str = "automagic", lr: float = 1e-4, **optimizer_params: object) -> TrainConfig:
+    return TrainConfig(optimizer=optimizer, lr=lr, optimizer_params=OptimizerParams(**optimizer_params))
+
+
+def _param(*shape: int, seed: int = 0) -> torch.nn.Parameter:
+    return torch.nn.Parameter(torch.randn(*shape, generator=torch.Generator().manual_seed(seed)))
+
+
+def _set_grads(params: list[torch.nn.Parameter], *grads: list) -> None:
+    for p, g in zip(params, grads, strict=True):
+        p.grad = torch.tensor(g, dtype=torch.float32)
+
+
+def _roundtrip(obj: object) -> object:
+    """Through torch.save / torch.load, as the run's `_state.pt` goes."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=True)
+
+
+# --- groups ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("optimizer", OPTIMIZERS)
+def test_one_group_per_expert_in_expert_order(optimizer: str) -> None:
+    train = _train(optimizer, lr=1e-4, high_noise_lr=2e-4, low_noise_lr=5e-5)
+    # Insertion order low-then-high must not matter: group 0 is high_noise, as lr_0 in the metrics.
+    params = {"low_noise": [_param(3, 2)], "high_noise": [_param(4, 2)]}
+    opt = build_optimizer(train, params)
+    assert [g["expert"] for g in opt.param_groups] == ["high_noise", "low_noise"]
+    assert opt.param_groups[0]["params"][0] is params["high_noise"][0]
+    assert group_lr(opt, 0) == pytest.approx(2e-4)
+    assert group_lr(opt, 1) == pytest.approx(5e-5)
+
+
+@pytest.mark.parametrize("optimizer", OPTIMIZERS)
+def test_single_expert_run_has_one_group(optimizer: str) -> None:
+    opt = build_optimizer(_train(optimizer, lr=3e-5, high_noise_lr=1e-3), {"low_noise": [_param(2, 2)]})
+    assert [g["expert"] for g in opt.param_groups] == ["low_noise"]
+    assert group_lr(opt, 0) == pytest.approx(3e-5)
+
+
+def test_unknown_expert_is_rejected() -> None:
+    with pytest.raises(ValueError, match="unknown expert 'mid_noise'"):
+        build_optimizer(_train("adamw"), {"mid_noise": [_param(2)]})
+
+
+def test_automagic_start_lr_outside_bounds_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match=r"start lr 0.01 for high_noise is outside \[min_lr, max_lr\]"):
+        build_optimizer(_train(lr=1e-2, max_lr=1e-3), {"high_noise": [_param(2)]})
+
+
+# --- automagic ---------------------------------------------------------------------------------------
+
+
+def test_automagic_mask_follows_update_signs() -> None:
+    p = _param(4)
+    start = p.detach().clone()
+    opt = Automagic([p], lr=1e-4, lr_bump=1e-5, min_lr=1e-6, max_lr=1e-3)
+
+    _set_grads([p], [1.0, -1.0, 1.0, 0.0])
+    opt.step()
+    mask = opt.state[p]["lr_mask"]
+    # First step: no previous sign, so the mask stays at the start lr.
+    torch.testing.assert_close(mask, torch.full((4,), 1e-4))
+    # Hand-computed update: v = (1 - beta2) g^2, so g / sqrt(v) = sign(g) / sqrt(0.001); its RMS over 4
+    # elements with one zero is sqrt(3/4) / sqrt(0.001) > 1, so clipping leaves sign(g) / sqrt(3/4).
+    expected = start - 1e-4 * torch.tensor([1.0, -1.0, 1.0, 0.0]) / math.sqrt(0.75)
+    torch.testing.assert_close(p.detach(), expected)
+
+    _set_grads([p], [2.0, -3.0, -1.0, 5.0])
+    opt.step()
+    # agree (+), agree (+), flip (-), previous sign 0 (unchanged)
+    torch.testing.assert_close(mask, torch.tensor([1.1e-4, 1.1e-4, 0.9e-4, 1e-4]))
+    assert group_lr(opt, 0) == pytest.approx(float(mask.double().mean()))
+
+
+def test_automagic_mask_stays_within_bounds() -> None:
+    p = _param(3)
+    opt = Automagic([p], lr=1e-4, lr_bump=4e-5, min_lr=5e-5, max_lr=2e-4)
+    for _ in range(10):  # same signs every step: grows to max_lr and stays
+        _set_grads([p], [1.0, -2.0, 3.0])
+        opt.step()
+    assert torch.equal(opt.state[p]["lr_mask"], torch.full((3,), 2e-4))
+    for i in range(10):  # alternating signs: shrinks to min_lr and stays
+        _set_grads([p], [(-1.0) ** i] * 3)
+        opt.step()
+    assert torch.equal(opt.state[p]["lr_mask"], torch.full((3,), 5e-5))
+
+
+def test_automagic_per_expert_overrides() -> None:
+    train = _train(
+        lr=1e-4,
+        lr_bump=1e-6,
+        high_noise_lr=2e-4,
+        high_noise_lr_bump=3e-5,
+        high_noise_max_lr=5e-4,
+        low_noise_min_lr=1e-5,
+    )
+    high, low = _param(2, 3), _param(2, 3, seed=1)
+    opt = build_optimizer(train, {"high_noise": [high], "low_noise": [low]})
+    groups = {g["expert"]: g for g in opt.param_groups}
+    assert (groups["high_noise"]["lr_bump"], groups["high_noise"]["max_lr"]) == (3e-5, 5e-4)
+    assert (groups["low_noise"]["lr_bump"], groups["low_noise"]["min_lr"]) == (1e-6, 1e-5)
+    for _ in range(2):  # two steps with the same signs: one bump each
+        high.grad, low.grad = torch.ones(2, 3), torch.ones(2, 3)
+        opt.step()
+    assert group_lr(opt, 0) == pytest.approx(2e-4 + 3e-5)
+    assert group_lr(opt, 1) == pytest.approx(1e-4 + 1e-6)
+
+
+def test_automagic_factored_second_moment_for_matrices() -> None:
+    matrix, vector = _param(3, 2), _param(5)
+    start = matrix.detach().clone()
+    opt = Automagic([matrix, vector], lr=1e-3)
+    # A rank-1 grad: Adafactor's row/col estimate of grad^2 is then exact, so grad / sqrt(v) has the
+    # same magnitude everywhere and the RMS clip makes it exactly sign(grad) = 1.
+    matrix.grad = torch.outer(torch.tensor([1.0, 2.0, 3.0]), torch.tensor([1.0, 0.5]))
+    vector.grad = torch.ones(5)
+    opt.step()
+    state = opt.state[matrix]
+    assert state["exp_avg_sq_row"].shape == (3,) and state["exp_avg_sq_col"].shape == (2,)
+    assert "exp_avg_sq" not in state
+    torch.testing.assert_close(state["exp_avg_sq_row"], 0.001 * matrix.grad.square().mean(dim=-1))
+    torch.testing.assert_close(matrix.detach(), start - 1e-3)
+    assert opt.state[vector]["exp_avg_sq"].shape == (5,)
+
+
+def test_automagic_reduces_a_quadratic() -> None:
+    w = _param(8, 6)
+    target = torch.randn(8, 6, generator=torch.Generator().manual_seed(7))
+    opt = Automagic([w], lr=1e-3, lr_bump=1e-3, min_lr=1e-4, max_lr=5e-2)
+
+    def loss() -> torch.Tensor:
+        return (w - target).square().sum()
+
+    initial = loss().item()
+    for _ in range(300):
+        opt.zero_grad()
+        loss().backward()
+        opt.step()
+    assert loss().item() < 0.01 * initial
+    assert group_lr(opt, 0) > 1e-3  # consistent signs early on raised the lr
+
+
+# --- exact resume ------------------------------------------------------------------------------------
+
+
+def _resume_params() -> dict[str, list[torch.nn.Parameter]]:
+    # (64, 64) has 4096 elements: the smallest tensor torchao's AdamW8bit quantizes.
+    return {"high_noise": [_param(64, 64), _param(8, seed=1)], "low_noise": [_param(16, 8, seed=2)]}
+
+
+def _run_steps(opt: torch.optim.Optimizer, params: dict, first: int, last: int) -> None:
+    """Alternate experts per step, as the trainer does; the paused expert's grads are None."""
+    experts = list(params)
+    for step in range(first, last):
+        active = experts[step % len(experts)]
+        for expert, expert_params in params.items():
+            for i, p in enumerate(expert_params):
+                gen = torch.Generator().manual_seed(1000 * step + i)
+                p.grad = torch.randn(p.shape, generator=gen) if expert == active else None
+        opt.step()
+
+
+@pytest.mark.parametrize("optimizer", OPTIMIZERS)
+def test_state_dict_round_trip_is_bit_exact(optimizer: str) -> None:
+    train = _train(optimizer, lr=1e-3, weight_decay=0.01, lr_bump=1e-4, max_lr=1e-2)
+    total, split = 8, 5
+
+    straight = _resume_params()
+    straight_opt = build_optimizer(train, straight)
+    _run_steps(straight_opt, straight, 0, total)
+
+    first = _resume_params()
+    opt = build_optimizer(train, first)
+    _run_steps(opt, first, 0, split)
+    saved_opt = _roundtrip(opt.state_dict())
+    saved_params = _roundtrip({e: [p.detach() for p in ps] for e, ps in first.items()})
+
+    resumed = {e: [torch.nn.Parameter(t.clone()) for t in ts] for e, ts in saved_params.items()}
+    fresh = build_optimizer(train, resumed)
+    fresh.load_state_dict(saved_opt)
+    _run_steps(fresh, resumed, split, total)
+
+    for expert in straight:
+        for a, b in zip(straight[expert], resumed[expert], strict=True):
+            assert torch.equal(a, b)
+    assert [group_lr(fresh, i) for i in range(2)] == [group_lr(straight_opt, i) for i in range(2)]
+
+
+def test_automagic_resume_keeps_state_dtypes() -> None:
+    p = _param(4, 3)
+    opt = Automagic([p])
+    p.grad = torch.ones(4, 3)
+    opt.step()
+    fresh = Automagic([torch.nn.Parameter(p.detach().to(torch.bfloat16))])
+    fresh.load_state_dict(_roundtrip(opt.state_dict()))
+    state = next(iter(fresh.state.values()))
+    # torch alone would cast both to the param dtype (bf16).
+    assert state["lr_mask"].dtype == torch.float32 and state["prev_sign"].dtype == torch.int8
+
+
+def test_adamw8bit_quantizes_only_large_tensors() -> None:
+    params = _resume_params()
+    opt = build_optimizer(_train("adamw8bit"), params)
+    _run_steps(opt, params, 0, 2)
+    big, small = params["high_noise"]
+    assert type(opt.state[big]["exp_avg"]).__name__ == "OptimState8bit"
+    assert type(opt.state[small]["exp_avg"]) is torch.Tensor
+
+
+# --- gradient stability ------------------------------------------------------------------------------
+
+
+def test_gradient_stability_weights_by_element_count() -> None:
+    a, b = _param(2, 2), _param(8)
+    stability = GradientStability()
+    _set_grads([a, b], [[1.0, -1.0], [0.0, 2.0]], [1.0] * 8)
+    assert stability.measure("high_noise", [a, b]) is None
+    # a: 1->3 same, -1->1 flip, 0->0 same (sign 0), 2->-2 flip: 2 of 4. b: 2 of 8 keep their sign.
+    _set_grads([a, b], [[3.0, 1.0], [0.0, -2.0]], [1.0, 1.0] + [-1.0] * 6)
+    # (2 + 2) / 12, not the mean of the per-param fractions (0.5 + 0.25) / 2.
+    assert stability.measure("high_noise", [a, b]) == pytest.approx(4 / 12)
+
+
+def test_gradient_stability_is_per_expert() -> None:
+    high, low = _param(4), _param(4, seed=1)
+    stability = GradientStability()
+    _set_grads([high], [1.0, 1.0, 1.0, 1.0])
+    assert stability.measure("high_noise", [high]) is None
+    _set_grads([low], [-1.0, -1.0, -1.0, -1.0])
+    assert stability.measure("low_noise", [low]) is None  # its own first step, despite high's
+    _set_grads([high], [1.0, 1.0, 1.0, -1.0])
+    assert stability.measure("high_noise", [high]) == pytest.approx(0.75)  # vs high's step, not low's
+    _set_grads([low], [-1.0, 1.0, 1.0, 1.0])
+    assert stability.measure("low_noise", [low]) == pytest.approx(0.25)
+
+
+def test_gradient_stability_none_grad_counts_as_zero() -> None:
+    p = _param(2)
+    stability = GradientStability()
+    stability.measure("low_noise", [p])
+    _set_grads([p], [0.0, 1.0])
+    assert stability.measure("low_noise", [p]) == pytest.approx(0.5)
+
+
+def test_gradient_stability_state_round_trip() -> None:
+    a, b = _param(3), _param(2, 2)
+    stability = GradientStability()
+    _set_grads([a, b], [1.0, -1.0, 0.0], [[1.0, 1.0], [-1.0, -1.0]])
+    stability.measure("high_noise", [a, b])
+    restored = GradientStability()
+    restored.load_state_dict(_roundtrip(stability.state_dict()))
+    assert all(t.dtype == torch.int8 for t in restored.state_dict()["prev_signs"]["high_noise"])
+    _set_grads([a, b], [1.0, 1.0, 0.0], [[1.0, -1.0], [-1.0, 1.0]])
+    assert restored.measure("high_noise", [a, b]) == stability.measure("high_noise", [a, b]) == 4 / 7
+
+
+def test_gradient_stability_rejects_a_changed_layout() -> None:
+    stability = GradientStability()
+    stability.measure("high_noise", [_param(3)])
+    with pytest.raises(ValueError, match="changed shape or number"):
+        stability.measure("high_noise", [_param(4)])
+
+
+# --- clipping ------------------------------------------------------------------------------------------
+
+
+def test_clip_grad_norm_returns_pre_clip_norm() -> None:
+    a, b = _param(1), _param(1)
+    _set_grads([a, b], [3.0], [4.0])
+    assert clip_grad_norm([a, b], 1.0) == pytest.approx(5.0)
+    torch.testing.assert_close(torch.cat([a.grad, b.grad]), torch.tensor([0.6, 0.8]), rtol=1e-5, atol=0)
+
+
+def test_clip_grad_norm_zero_means_no_clipping() -> None:
+    a, b = _param(1), _param(1)
+    _set_grads([a, b], [3.0], [4.0])
+    assert clip_grad_norm([a, b], 0.0) == pytest.approx(5.0)
+    assert torch.equal(torch.cat([a.grad, b.grad]), torch.tensor([3.0, 4.0]))
+    assert clip_grad_norm([_param(2)], 1.0) == 0.0  # no grads at all
