@@ -8,10 +8,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 from wan_assets.core.config import ConfigError, dump_config, load_config
+from wan_assets.core.errors import TrainingError
 from wan_assets.core.workdir import TINY_CONFIG, Workdir
 
 # Errors that are the user's to fix: printed as one line, exit status 1, no traceback.
-USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, FileNotFoundError)
+USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, FileNotFoundError, TrainingError)
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -56,6 +57,19 @@ def cmd_cache(args: argparse.Namespace) -> int:
         for reason in report.failures.values():
             print(f"  {reason}", file=sys.stderr)
         return 1
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from wan_assets.core.train import train
+
+    workdir, job = _load(args)
+    result = train(job, workdir.cache, resume_run=args.resume)
+    print(f"run {result.run_id}: {result.steps} steps in {result.seconds:.1f}s, files in {result.files.root}")
+    for transition in result.transitions:
+        print(
+            f"  {transition.expert}: {transition.from_phase} -> {transition.to_phase} at step {transition.step}"
+        )
     return 0
 
 
@@ -106,6 +120,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("config")
     p = add("cache", cmd_cache, "build the latent cache without Dagster; list failed clips, exit 1 if any")
     p.add_argument("config")
+    p = add("train", cmd_train, "train the LoRA(s) from the latent cache, no Dagster needed")
+    p.add_argument("config")
+    p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
     p = add("tiny-model", cmd_tiny_model, "write the embedded tiny Wan 2.2 I2V model to DIR")
     p.add_argument("dir")
     p.add_argument("--seed", type=int, default=0)

@@ -1,0 +1,83 @@
+"""The files of a training run (DESIGN 5.1), in the seed's layout under `<training_folder>/<name>`.
+
+A checkpoint at step k (k optimizer steps done) is the LoRA of each trained expert, the alpha
+scheduler JSON and `_state.pt`; `_state.pt` is written last, so a checkpoint counts as complete
+only when it exists. Every file is written atomically.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from wan_assets.core.config import JobConfig
+from wan_assets.core.files import atomic_output
+
+_STEP_FILE = re.compile(r"_(\d{9})_state\.pt$")
+
+
+@dataclass(frozen=True)
+class RunFiles:
+    root: Path
+    name: str
+
+    @classmethod
+    def of(cls, job: JobConfig) -> RunFiles:
+        return cls(job.run_dir(), job.name)
+
+    @property
+    def metrics(self) -> Path:
+        return self.root / f"metrics_{self.name}.jsonl"
+
+    @property
+    def config(self) -> Path:
+        return self.root / "config.yaml"
+
+    @property
+    def samples(self) -> Path:
+        return self.root / "samples"
+
+    def lora(self, expert: str, step: int | None = None) -> Path:
+        """`<name>_<step:09d>_<expert>.safetensors`, or the final `<name>_<expert>.safetensors`."""
+        middle = "" if step is None else f"_{step:09d}"
+        return self.root / f"{self.name}{middle}_{expert}.safetensors"
+
+    def alpha_scheduler(self, step: int) -> Path:
+        return self.root / f"{self.name}_{step:09d}_alpha_scheduler.json"
+
+    def state(self, step: int) -> Path:
+        return self.root / f"{self.name}_{step:09d}_state.pt"
+
+    def checkpoint_files(self, step: int, experts: tuple[str, ...]) -> list[Path]:
+        return [*(self.lora(e, step) for e in experts), self.alpha_scheduler(step), self.state(step)]
+
+    def complete_steps(self, experts: tuple[str, ...]) -> list[int]:
+        """Steps with every file of a checkpoint present, oldest first."""
+        steps = []
+        for path in self.root.glob(f"{self.name}_*_state.pt"):
+            match = _STEP_FILE.search(path.name)
+            if match and all(p.is_file() for p in self.checkpoint_files(int(match.group(1)), experts)):
+                steps.append(int(match.group(1)))
+        return sorted(steps)
+
+    def prune(self, experts: tuple[str, ...], keep: int) -> list[int]:
+        """Retention (`save.max_step_saves_to_keep`): delete all but the newest `keep` checkpoints."""
+        old = self.complete_steps(experts)[:-keep] if keep > 0 else []
+        for step in old:
+            # The state file goes first: a half-pruned checkpoint must not look complete.
+            for path in reversed(self.checkpoint_files(step, experts)):
+                path.unlink(missing_ok=True)
+        return old
+
+
+def save_state(path: Path, state: dict) -> Path:
+    with atomic_output(path) as tmp:
+        torch.save(state, tmp)
+    return path
+
+
+def load_state(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=False)

@@ -1,0 +1,455 @@
+"""The training engine (DESIGN 5): `wan-assets train` and the Dagster training asset both call `train`.
+
+The loop reads like a table of contents: pick the expert for this step, run its micro-batches,
+clip, measure gradient stability, step, update that expert's statistics and alpha phase, log,
+checkpoint. Every random draw derives from (seed, step, micro-batch), so a resumed run replays the
+exact losses of an uninterrupted one on CPU.
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+import torch
+
+from wan_assets.core.alpha_schedule import AlphaScheduler, Transition
+from wan_assets.core.batches import Batch, BatchStream, derive_seed
+from wan_assets.core.cache import index_path, load_index
+from wan_assets.core.config import JobConfig, dump_config
+from wan_assets.core.errors import TrainingError
+from wan_assets.core.experts import timestep_window
+from wan_assets.core.files import write_text
+from wan_assets.core.flow import flow_loss, noisy_input, sample_timesteps
+from wan_assets.core.lora import add_lora, save_lora, set_lora_scale
+from wan_assets.core.metrics_log import MetricsLog, truncate
+from wan_assets.core.model import WanComponents, load_wan_model
+from wan_assets.core.optim import GradientStability, build_optimizer, clip_grad_norm, group_lr
+from wan_assets.core.reporting import ConsoleReporter, Reporter
+from wan_assets.core.run_files import RunFiles, load_state, save_state
+
+MAX_CONSECUTIVE_OOM = 3
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+DTYPES |= {"fp16": torch.float16, "float16": torch.float16}
+
+
+@dataclass
+class TrainParts:
+    job: JobConfig
+    files: RunFiles
+    model: WanComponents
+    params: dict[str, list[torch.nn.Parameter]]
+    optimizer: torch.optim.Optimizer
+    scheduler: AlphaScheduler
+    stability: GradientStability
+    stream: BatchStream
+    device: torch.device
+    compute_dtype: torch.dtype
+    sampling_extras: WanComponents | None = (
+        None  # VAE, text encoder, untrained expert; loaded on first sample
+    )
+
+    @property
+    def experts(self) -> tuple[str, ...]:
+        return self.job.experts
+
+
+@dataclass
+class TrainState:
+    run_id: str
+    step: int = 0  # optimizer steps completed
+    consecutive_oom: int = 0
+
+
+@dataclass(frozen=True)
+class StepResult:
+    expert: str
+    loss: float | None
+    timestep: float | None
+    grad_norm: float | None
+    stability: float | None
+    skipped: str | None
+    batch: Batch | None
+    transition: Transition | None = None
+
+
+@dataclass
+class TrainResult:
+    run_id: str
+    steps: int
+    files: RunFiles
+    final_loras: dict[str, Path] = field(default_factory=dict)
+    transitions: list[Transition] = field(default_factory=list)
+    samples: list[Path] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def expert_at(step: int, experts: tuple[str, ...], switch_every: int) -> str:
+    """Experts alternate every `switch_every` optimizer steps (high noise first), as the seed."""
+    return experts[(step // switch_every) % len(experts)]
+
+
+def pick_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+# --- building ---------------------------------------------------------------------------------------
+
+
+def build_parts(job: JobConfig, cache_dir: Path, device: torch.device | None = None) -> TrainParts:
+    device = device or pick_device()
+    train = job.process.train
+    compute_dtype = DTYPES[train.dtype]
+    if device.type == "cpu" and compute_dtype == torch.float16:
+        raise TrainingError("train.dtype fp16 needs a GPU; use bf16 or fp32 on CPU")
+    index_file = index_path(cache_dir, job)
+    if not index_file.is_file():
+        raise TrainingError(
+            f"no latent cache at {index_file}; run `wan-assets cache` first (or materialize latent_cache)"
+        )
+    model = load_wan_model(
+        job.process.model.name_or_path,
+        dtype=compute_dtype,
+        device="cpu" if _offload(job) else device,
+        attention_backend=train.attention_backend,
+        training=True,
+        load_experts=job.experts,
+        load_text_encoder=False,
+        load_vae=False,
+    )
+    params = {}
+    for expert in job.experts:
+        transformer = model.expert(expert)
+        params[expert] = add_lora(
+            transformer, job.process.network, expert, seed=derive_seed(train.seed, "lora", expert)
+        )
+        for p in params[expert]:
+            p.data = p.data.float()  # fp32 master weights for the adapter, whatever the base dtype
+        if train.gradient_checkpointing:
+            transformer.enable_gradient_checkpointing()
+        transformer.train()
+    scheduler = AlphaScheduler(job.process.network, job.experts)
+    for expert in job.experts:
+        set_lora_scale(model.expert(expert), scheduler.alpha(expert), expert)
+    stream = BatchStream(
+        load_index(index_file),
+        batch_size=train.batch_size,
+        seed=train.seed,
+        caption_dropout=max(d.caption_dropout_rate for d in job.process.datasets),
+    )
+    return TrainParts(
+        job=job,
+        files=RunFiles.of(job),
+        model=model,
+        params=params,
+        optimizer=build_optimizer(train, params),
+        scheduler=scheduler,
+        stability=GradientStability(),
+        stream=stream,
+        device=device,
+        compute_dtype=compute_dtype,
+    )
+
+
+def _offload(job: JobConfig) -> bool:
+    return job.process.train.offload_inactive_expert or job.process.model.low_vram
+
+
+def activate(parts: TrainParts, expert: str) -> None:
+    """Keep only the active expert on the accelerator when offloading (the other waits in RAM)."""
+    if not _offload(parts.job) or parts.device.type == "cpu":
+        return
+    for other in parts.experts:
+        parts.model.expert(other).to(parts.device if other == expert else "cpu")
+    if parts.device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+# --- one optimizer step --------------------------------------------------------------------------------
+
+
+def forward_loss(
+    parts: TrainParts, expert: str, batch: Batch, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flow-matching loss of one micro-batch for one expert; returns (loss, timesteps)."""
+    train = parts.job.process.train
+    window = timestep_window(expert, parts.model.boundary_timestep)
+    t = sample_timesteps(
+        train.timestep_type, window, batch.latents.shape[0], generator, shift=train.timestep_shift
+    )
+    noise = torch.randn(batch.latents.shape, generator=generator)
+    x_t, target = noisy_input(batch.latents, noise, t)
+    device, dtype = parts.device, parts.compute_dtype
+    hidden = torch.cat([x_t, batch.condition], dim=1).to(device, dtype)  # [B, 36, F', h, w]
+    with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+        pred = parts.model.expert(expert)(
+            hidden_states=hidden,
+            timestep=t.to(device),
+            encoder_hidden_states=batch.text.to(device, dtype),
+            return_dict=False,
+        )[0]
+    return flow_loss(pred, target.to(device)), t
+
+
+def train_step(parts: TrainParts, state: TrainState, step: int) -> StepResult:
+    train = parts.job.process.train
+    expert = expert_at(step, parts.experts, train.switch_boundary_every)
+    parts.optimizer.zero_grad(set_to_none=True)
+    losses, timesteps, batch = [], [], None
+    try:
+        for micro in range(train.gradient_accumulation):
+            batch = parts.stream.batch(step * train.gradient_accumulation + micro)
+            torch.manual_seed(derive_seed(train.seed, "dropout", step, micro))  # LoRA dropout
+            generator = torch.Generator().manual_seed(derive_seed(train.seed, "noise", step, micro))
+            loss, t = forward_loss(parts, expert, batch, generator)
+            if not torch.isfinite(loss):
+                parts.optimizer.zero_grad(set_to_none=True)
+                return StepResult(expert, None, float(t.mean()), None, None, "nonfinite_loss", batch)
+            (loss / train.gradient_accumulation).backward()
+            losses.append(loss.item())
+            timesteps.append(t)
+    except torch.OutOfMemoryError:
+        return _out_of_memory(parts, state, step, expert, batch)
+    state.consecutive_oom = 0
+    grad_norm = clip_grad_norm(parts.params[expert], train.max_grad_norm)
+    stability = parts.stability.measure(expert, parts.params[expert])
+    parts.optimizer.step()
+    loss = sum(losses) / len(losses)
+    transition = parts.scheduler.record(step, expert, loss, stability)
+    if transition is not None:
+        set_lora_scale(parts.model.expert(expert), parts.scheduler.alpha(expert), expert)
+    t_mean = float(torch.cat(timesteps).mean())
+    return StepResult(expert, loss, t_mean, grad_norm, stability, None, batch, transition)
+
+
+def _out_of_memory(
+    parts: TrainParts, state: TrainState, step: int, expert: str, batch: Batch | None
+) -> StepResult:
+    parts.optimizer.zero_grad(set_to_none=True)
+    gc.collect()
+    if parts.device.type == "cuda":
+        torch.cuda.empty_cache()
+    state.consecutive_oom += 1
+    if state.consecutive_oom >= MAX_CONSECUTIVE_OOM:
+        bucket = batch.bucket if batch is not None else "?"
+        raise TrainingError(
+            f"out of memory {MAX_CONSECUTIVE_OOM} times in a row (step {step}, {expert}, bucket {bucket}); "
+            "lower max_pixels_per_frame or num_frames, turn on gradient_checkpointing or "
+            "offload_inactive_expert; the last checkpoint is intact and `--resume` continues from it"
+        )
+    return StepResult(expert, None, None, None, None, "oom", batch)
+
+
+# --- logging and checkpoints --------------------------------------------------------------------------
+
+
+def metrics_record(
+    parts: TrainParts, state: TrainState, step: int, result: StepResult, seconds: float
+) -> dict:
+    """One JSONL line (DESIGN 5.2): statistics are those of the expert that trained at this step."""
+    record = {
+        "run_id": state.run_id,
+        "step": step,
+        "timestamp": datetime.now().astimezone().isoformat(),
+        "expert": result.expert,
+        "loss": result.loss,
+        "gradient_stability": result.stability,
+        **_learning_rates(parts),
+        **parts.scheduler.metrics(result.expert),
+        "lora_scale": parts.scheduler.alpha(result.expert) / parts.job.process.network.linear,
+        "grad_norm": result.grad_norm,
+        "timestep": result.timestep,
+        "bucket": result.batch.bucket if result.batch is not None else None,
+        "tokens": result.batch.tokens if result.batch is not None else None,
+        "step_time_s": round(seconds, 4),
+        "peak_mem_gib": _peak_mem_gib(parts.device),
+        "skipped": result.skipped,
+    }
+    return record
+
+
+def _learning_rates(parts: TrainParts) -> dict[str, float]:
+    groups = parts.optimizer.param_groups
+    if len(groups) == 1:
+        return {"learning_rate": group_lr(parts.optimizer, 0)}
+    # Seed naming: lr_0 = high noise, lr_1 = low noise (group order is EXPERTS order).
+    return {f"lr_{i}": group_lr(parts.optimizer, i) for i in range(len(groups))}
+
+
+def _peak_mem_gib(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    return round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
+
+
+def save_checkpoint(parts: TrainParts, state: TrainState) -> list[Path]:
+    step, files = state.step, parts.files
+    dtype = DTYPES[parts.job.process.save.dtype]
+    written = []
+    for expert in parts.experts:
+        alpha = parts.scheduler.alpha(expert)
+        written.append(
+            save_lora(
+                files.lora(expert, step),
+                parts.model.expert(expert),
+                expert,
+                alpha,
+                dtype=dtype,
+                metadata=_lora_metadata(parts, expert, step),
+            )
+        )
+    parts.scheduler.save(files.alpha_scheduler(step))
+    written.append(files.alpha_scheduler(step))
+    state_dict = {
+        "step": step,
+        "run_id": state.run_id,
+        "experts": parts.experts,
+        "optimizer": parts.optimizer.state_dict(),
+        "gradient_stability": parts.stability.state_dict(),
+        "lora": {e: [p.detach().clone() for p in parts.params[e]] for e in parts.experts},
+    }
+    written.append(save_state(files.state(step), state_dict))  # last: marks the checkpoint complete
+    files.prune(parts.experts, parts.job.process.save.max_step_saves_to_keep)
+    return written
+
+
+def _lora_metadata(parts: TrainParts, expert: str, step: int) -> dict[str, str]:
+    return {
+        "step": str(step),
+        "expert": expert,
+        "base_model": parts.job.process.model.name_or_path,
+        "alpha": str(parts.scheduler.alpha(expert)),
+        "rank": str(parts.job.process.network.linear),
+        "config": dump_config(parts.job),
+    }
+
+
+def resume(parts: TrainParts, state: TrainState) -> bool:
+    """Load the newest complete checkpoint; truncate the JSONL to its step. False if there is none."""
+    steps = parts.files.complete_steps(parts.experts)
+    if not steps:
+        return False
+    step = steps[-1]
+    saved = load_state(parts.files.state(step))
+    if tuple(saved["experts"]) != parts.experts:
+        raise TrainingError(
+            f"checkpoint {parts.files.state(step)} trained {saved['experts']}, this config trains {parts.experts}; "
+            "resume with the run's own config.yaml or choose a new name"
+        )
+    with torch.no_grad():
+        for expert in parts.experts:
+            for p, value in zip(parts.params[expert], saved["lora"][expert], strict=True):
+                p.copy_(value)
+    parts.optimizer.load_state_dict(saved["optimizer"])
+    parts.stability.load_state_dict(saved["gradient_stability"])
+    parts.scheduler.load(parts.files.alpha_scheduler(step))
+    for expert in parts.experts:
+        set_lora_scale(parts.model.expert(expert), parts.scheduler.alpha(expert), expert)
+    state.step, state.run_id = step, saved["run_id"]
+    truncate(parts.files.metrics, step)
+    return True
+
+
+def save_final(parts: TrainParts) -> dict[str, Path]:
+    dtype = DTYPES[parts.job.process.save.dtype]
+    out = {}
+    for expert in parts.experts:
+        out[expert] = save_lora(
+            parts.files.lora(expert),
+            parts.model.expert(expert),
+            expert,
+            parts.scheduler.alpha(expert),
+            dtype=dtype,
+            metadata=_lora_metadata(parts, expert, parts.job.process.train.steps),
+        )
+    return out
+
+
+# --- the loop -----------------------------------------------------------------------------------------
+
+
+def train(
+    job: JobConfig,
+    cache_dir: Path,
+    *,
+    resume_run: bool = False,
+    reporter: Reporter | None = None,
+    device: torch.device | None = None,
+    stop_after: int | None = None,
+) -> TrainResult:
+    """Train the configured experts; `stop_after` ends early after that many steps (for tests)."""
+    reporter = reporter or ConsoleReporter()
+    parts = build_parts(job, cache_dir, device)
+    state = TrainState(run_id=uuid.uuid4().hex[:12])
+    files = parts.files
+    files.root.mkdir(parents=True, exist_ok=True)
+    if resume_run and resume(parts, state):
+        reporter.log(f"resumed {job.name} at step {state.step} (run {state.run_id})")
+    elif files.complete_steps(parts.experts) or files.metrics.exists():
+        raise TrainingError(
+            f"{files.root} already holds a run named {job.name!r}; pass --resume to continue it or change config.name"
+        )
+    write_text(files.config, dump_config(job))
+    total = job.process.train.steps
+    end = total if stop_after is None else min(total, stop_after)
+    reporter.on_start(job, state.run_id, state.step, total)
+    log = MetricsLog(files.metrics)
+    result = TrainResult(run_id=state.run_id, steps=total, files=files)
+    started = time.perf_counter()
+    try:
+        while state.step < end:
+            result.transitions += _one_step(parts, state, log, reporter)
+            _maybe_checkpoint(parts, state, reporter, result, final=state.step == total)
+    finally:
+        log.close()
+    if state.step == total:
+        result.final_loras = save_final(parts)
+    result.seconds = time.perf_counter() - started
+    result.transitions = parts.scheduler.transitions
+    reporter.on_end(result)
+    return result
+
+
+def _one_step(parts: TrainParts, state: TrainState, log: MetricsLog, reporter: Reporter) -> list[Transition]:
+    step = state.step
+    expert = expert_at(step, parts.experts, parts.job.process.train.switch_boundary_every)
+    activate(parts, expert)
+    if parts.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(parts.device)
+    began = time.perf_counter()
+    result = train_step(parts, state, step)
+    record = metrics_record(parts, state, step, result, time.perf_counter() - began)
+    log.write(record)
+    state.step += 1
+    reporter.on_step(record)
+    if result.skipped:
+        reporter.log(f"step {step} skipped ({result.skipped}, {expert}, bucket {record['bucket']})")
+    if result.transition is not None:
+        reporter.on_transition(result.transition)
+        return [result.transition]
+    return []
+
+
+def _maybe_checkpoint(
+    parts: TrainParts, state: TrainState, reporter: Reporter, result: TrainResult, *, final: bool
+) -> None:
+    job = parts.job
+    if final or state.step % job.process.save.save_every == 0:
+        reporter.on_checkpoint(state.step, save_checkpoint(parts, state))
+    sample = job.process.sample
+    if sample is not None and sample.all_prompts() and (final or state.step % sample.sample_every == 0):
+        from wan_assets.core.sampling import write_training_samples
+
+        result.samples += write_training_samples(parts, state.step)
+        reporter.log(
+            f"samples at step {state.step}: {', '.join(str(p) for p in result.samples[-len(sample.all_prompts()) :])}"
+        )
+
+
+def is_finite(value: float | None) -> bool:
+    return value is not None and math.isfinite(value)
