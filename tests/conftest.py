@@ -32,3 +32,28 @@ def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     (tmp_path / "clips").mkdir()
     monkeypatch.setenv("WAN_ASSETS_HOME", str(tmp_path))
     return tmp_path
+
+
+def tiny_job_raw(clips: Path, model: Path, **train) -> dict:
+    """The tiny CPU config pointed at test folders, with `train` keys overridden."""
+    import yaml
+
+    raw = yaml.safe_load((CONFIGS / "tiny_cpu.yaml").read_text())
+    process = raw["config"]["process"][0]
+    process["model"]["name_or_path"] = str(model)
+    process["datasets"][0]["folder_path"] = str(clips)
+    process["train"].update(train)
+    return raw
+
+
+@pytest.fixture(scope="session")
+def tiny_cache(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path, clips_dir: Path) -> Path:
+    """A workdir whose cache/ holds the tiny config's latents of the synthetic clips."""
+    from wan_assets.core.cache import EncoderHandle, cache_dataset
+    from wan_assets.core.config import parse_config
+
+    workdir = tmp_path_factory.mktemp("cached")
+    job = parse_config(tiny_job_raw(clips_dir, tiny_model_dir), workdir=workdir).job
+    report = cache_dataset(job, workdir / "cache", EncoderHandle(str(tiny_model_dir)))
+    assert not report.failures, report.failures
+    return workdir

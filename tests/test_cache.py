@@ -143,7 +143,7 @@ def test_cache_command_lists_failures_and_exits_1(
 ) -> None:
     config = tmp_path / "job.yaml"
     raw = data_config(dataset, tiny_model_dir, shrink_video_to_frames=False, fps=12, num_frames=9)
-    config.write_text(yaml.safe_dump(raw))
+    config.write_text(yaml.safe_dump(raw, sort_keys=False))
     assert main(["cache", str(config), "--workdir", str(tmp_path)]) == 1
     out, err = capsys.readouterr()
     assert "6 clip(s) failed" in err

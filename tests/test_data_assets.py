@@ -34,7 +34,7 @@ def project(tmp_path: Path, clips_dir: Path, tiny_model_dir: Path) -> WanProject
     write_bad_inputs(folder / "bad")
     config = tmp_path / "job.yaml"
     raw = data_config(folder, tiny_model_dir, shrink_video_to_frames=False, fps=12, num_frames=9)
-    config.write_text(yaml.safe_dump(raw))
+    config.write_text(yaml.safe_dump(raw, sort_keys=False))
     return WanProjectResource(config_path=str(config), workdir=str(tmp_path / "work"))
 
 

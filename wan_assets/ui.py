@@ -1,0 +1,209 @@
+"""`wan-assets ui` (DESIGN 8, 11): the Dagster UI and daemon over one workdir, behind WAN_ASSETS_AUTH.
+
+The webserver runs in this process so that `TokenAuth` wraps Dagster's own ASGI app; the daemon
+(sensors, automation, run monitoring) runs as a child in its own process group, so that stopping it
+also stops the code servers it started, and nothing else.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ipaddress
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from types import FrameType
+
+import uvicorn
+from dagster import DagsterInstance
+from dagster._core.workspace.context import WorkspaceProcessContext
+from dagster._core.workspace.load_target import WorkspaceFileTarget
+from dagster_webserver.app import create_app_from_workspace_process_context
+from dagster_webserver.cli import (
+    DEFAULT_DB_STATEMENT_TIMEOUT,
+    DEFAULT_POOL_MAX_OVERFLOW,
+    DEFAULT_POOL_RECYCLE,
+)
+from dagster_webserver.version import __version__
+
+from wan_assets.core.workdir import Workdir
+from wan_assets.ui_auth import TokenAuth
+
+REPO = Path(__file__).resolve().parents[1]
+WORKSPACE_YAML = REPO / "workspace.yaml"
+GPU_POOL = "gpu"
+DUCKDB_WRITER_POOL = "duckdb_writer"
+DAEMON_STOP_TIMEOUT_S = 20.0
+
+# Written once; later edits are the user's. Pool limits are not here because dagster.yaml only
+# takes a default: `apply_pool_limits` sets them through the instance at every start.
+DAGSTER_YAML = """\
+# Written by `wan-assets ui` when absent; edit freely. The `gpu` and `duckdb_writer` pool limits
+# are (re)set at every `wan-assets ui` start (gpu = number of CUDA GPUs, at least 1).
+telemetry:
+  enabled: false
+run_monitoring:
+  enabled: true
+  # A run that dies without releasing its pool slots gives them back this long after it ends.
+  free_slots_after_run_end_seconds: 30
+concurrency:
+  pools:
+    # Limits are per step (op), so a `gpu` slot is held only while a GPU step runs.
+    granularity: op
+    # A pool nobody configured runs one step at a time, the safe choice for GPUs and databases.
+    default_limit: 1
+"""
+
+
+def serve(workdir: Path, host: str = "127.0.0.1", port: int = 3000, token: str | None = None) -> None:
+    """Serve the Dagster UI for `workdir` on host:port, with the daemon, until SIGTERM or SIGINT.
+
+    `token` None reads $WAN_ASSETS_AUTH; an empty token means no auth.
+    """
+    token = os.environ.get("WAN_ASSETS_AUTH") if token is None else token
+    root = Workdir.open(workdir)
+    home = root.dagster_home
+    write_instance_config(home)
+    # The daemon and the code servers (children of both) read these: one workdir for everything.
+    os.environ["DAGSTER_HOME"] = str(home)
+    os.environ["WAN_ASSETS_HOME"] = str(root.root)
+    if not token and not is_loopback(host):
+        print(
+            f"warning: serving on {host} without WAN_ASSETS_AUTH: anyone who reaches it can run jobs",
+            file=sys.stderr,
+        )
+
+    previous_handlers = _raise_on_stop_signals()
+    daemon: subprocess.Popen[bytes] | None = None
+    try:
+        # The instance (its SQLite storage) exists before the daemon starts, so that the two
+        # processes never race to create it.
+        with DagsterInstance.get() as instance:
+            apply_pool_limits(instance, pool_limits())
+            daemon = start_daemon(REPO)
+            print(f"dagster daemon: pid {daemon.pid}; DAGSTER_HOME={home}", file=sys.stderr)
+            serve_webserver(instance, host, port, token or None)
+    except KeyboardInterrupt:
+        pass  # SIGINT or SIGTERM: a normal way to stop the UI
+    finally:
+        # A second Ctrl-C must not abandon the daemon half-stopped; the stop is bounded anyway.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        if daemon is not None:
+            stop_process_group(daemon)
+        for signum, handler in previous_handlers.items():
+            signal.signal(signum, handler)
+
+
+def write_instance_config(home: Path) -> Path:
+    """`<home>/dagster.yaml`, written only when absent so that user edits survive."""
+    path = home / "dagster.yaml"
+    if not path.exists():
+        home.mkdir(parents=True, exist_ok=True)
+        path.write_text(DAGSTER_YAML)
+    return path
+
+
+def pool_limits() -> dict[str, int]:
+    """gpu = CUDA GPUs visible here (1 without any, so CPU runs still take turns); one DuckDB writer."""
+    import torch
+
+    return {GPU_POOL: max(1, torch.cuda.device_count()), DUCKDB_WRITER_POOL: 1}
+
+
+def apply_pool_limits(instance: DagsterInstance, limits: dict[str, int]) -> None:
+    for pool, limit in limits.items():
+        instance.event_log_storage.set_concurrency_slots(pool, limit)
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name: assume it is reachable from elsewhere
+
+
+def start_daemon(repo: Path) -> subprocess.Popen[bytes]:
+    """`dagster-daemon run` on the repo's workspace.yaml, in its own process group."""
+    workspace = repo / "workspace.yaml"
+    if not workspace.is_file():
+        raise FileNotFoundError(
+            f"{workspace} not found: run `wan-assets ui` from a checkout installed with `pip install -e .`"
+        )
+    # `python -m dagster._daemon` is the `dagster-daemon` script, run by this very interpreter.
+    command = [sys.executable, "-m", "dagster._daemon", "run", "-w", str(workspace)]
+    return subprocess.Popen(command, cwd=repo, start_new_session=True, preexec_fn=_child_setup())
+
+
+def _child_setup() -> Callable[[], None]:
+    """What the daemon's process runs between fork and exec (libc is loaded here, before the fork)."""
+    libc = ctypes.CDLL(None) if sys.platform == "linux" else None
+    pr_set_pdeathsig = 1
+
+    def setup() -> None:
+        # A shell that starts us in the background hands down SIGINT ignored, and the daemon maps
+        # SIGTERM onto SIGINT's handler: restore it so that our SIGTERM stops the daemon.
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        if libc is not None:
+            # Should this process be killed outright (SIGKILL), the daemon gets SIGTERM, not orphaned.
+            libc.prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+    return setup
+
+
+def stop_process_group(process: subprocess.Popen[bytes], timeout_s: float = DAEMON_STOP_TIMEOUT_S) -> None:
+    """SIGTERM the child's process group, wait for all of it, SIGKILL what is left after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    _signal_group(process.pid, signal.SIGTERM)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        process.wait(timeout=timeout_s)
+    # The group can outlive its leader (code servers the daemon started); its id stays reserved
+    # while any member lives, so signalling it cannot reach an unrelated process.
+    while _group_alive(process.pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    _signal_group(process.pid, signal.SIGKILL)
+    process.wait()
+
+
+def _signal_group(pgid: int, sig: signal.Signals) -> None:
+    with contextlib.suppress(ProcessLookupError):  # already gone
+        os.killpg(pgid, sig)
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def _raise_on_stop_signals() -> dict[int, signal.Handlers | Callable | int | None]:
+    """SIGINT and SIGTERM raise KeyboardInterrupt; returns the handlers they replace."""
+
+    # uvicorn restores the handlers it found and re-raises the signal once it has shut down; with
+    # these, that lands in `serve`'s `finally` (daemon stopped) rather than killing the process.
+    def interrupt(signum: int, frame: FrameType | None) -> None:
+        raise KeyboardInterrupt
+
+    return {signum: signal.signal(signum, interrupt) for signum in (signal.SIGINT, signal.SIGTERM)}
+
+
+def serve_webserver(instance: DagsterInstance, host: str, port: int, token: str | None) -> None:
+    """Dagster's own webserver app, wrapped in `TokenAuth` when there is a token, served by uvicorn."""
+    # As `dagster-webserver` does: settings meant for a long-running server process.
+    instance.optimize_for_webserver(
+        DEFAULT_DB_STATEMENT_TIMEOUT, DEFAULT_POOL_RECYCLE, DEFAULT_POOL_MAX_OVERFLOW
+    )
+    target = WorkspaceFileTarget(paths=[str(WORKSPACE_YAML)])
+    with WorkspaceProcessContext(instance, version=__version__, workspace_load_target=target) as context:
+        app = create_app_from_workspace_process_context(context)
+        print(f"Dagster UI: http://{host}:{port}" + (" (token required)" if token else ""), file=sys.stderr)
+        uvicorn.run(TokenAuth(app, token) if token else app, host=host, port=port, log_level="warning")
