@@ -29,8 +29,10 @@ format: $(STAMP)
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
+HOST ?= 127.0.0.1
+PORT ?= 3000
 ui: $(STAMP)
-	$(BIN)/wan-assets ui
+	$(BIN)/wan-assets ui --host $(HOST) --port $(PORT)
 
 clean:
 	rm -rf $(VENV) .wan_assets .pytest_cache .ruff_cache

@@ -5,7 +5,7 @@ from functools import cached_property
 
 from dagster import ConfigurableResource
 
-from wan_assets.core.cache import ClipSource, EncoderHandle, discover_clips
+from wan_assets.core.cache import ClipSource, EncoderHandle, discover_clips, pick_device
 from wan_assets.core.config import JobConfig, load_config
 from wan_assets.core.workdir import TINY_CONFIG, Workdir
 
@@ -46,6 +46,9 @@ class WanProjectResource(ConfigurableResource):
         raise FileNotFoundError(
             f"clip {partition_key!r} is no longer under the dataset folders of {self.config_path}"
         )
+
+    def torch_device(self):
+        return pick_device(self.device)
 
     def encoder(self) -> EncoderHandle:
         model_path = self._workdir.ensure_model(self.job().process.model.name_or_path)

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from wan_assets.core.config import ConfigError, dump_config, load_config
+from wan_assets.core.config import ConfigError, dump_config, load_config, with_experts
 from wan_assets.core.errors import TrainingError
-from wan_assets.core.workdir import TINY_CONFIG, Workdir
+from wan_assets.core.experts import EXPERTS
+from wan_assets.core.workdir import Workdir
 
 # Errors that are the user's to fix: printed as one line, exit status 1, no traceback.
 USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, FileNotFoundError, TrainingError)
@@ -64,12 +66,28 @@ def cmd_train(args: argparse.Namespace) -> int:
     from wan_assets.core.train import train
 
     workdir, job = _load(args)
-    result = train(job, workdir.cache, resume_run=args.resume)
+    if args.experts is not None:
+        job = with_experts(job, EXPERTS if args.experts == "both" else (args.experts,))
+    options = {"resume_run": args.resume, "restart_on_new_data": args.restart_on_new_data}
+    if os.environ.get("DAGSTER_PIPES_CONTEXT"):  # launched by the training asset
+        from wan_assets.pipes_reporter import pipes_reporter
+
+        with pipes_reporter(job) as reporter:
+            train(job, workdir.cache, reporter=reporter, **options)
+        return 0
+    result = train(job, workdir.cache, **options)
     print(f"run {result.run_id}: {result.steps} steps in {result.seconds:.1f}s, files in {result.files.root}")
     for transition in result.transitions:
         print(
             f"  {transition.expert}: {transition.from_phase} -> {transition.to_phase} at step {transition.step}"
         )
+    return 0
+
+
+def cmd_ui(args: argparse.Namespace) -> int:
+    from wan_assets.ui import serve  # lazy: keeps the other commands from importing dagster
+
+    serve(args.workdir, host=args.host, port=args.port)
     return 0
 
 
@@ -90,14 +108,18 @@ def cmd_sample_videos(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    workdir = Workdir.open(args.workdir)
-    print(f"workdir: {workdir.root}")
-    clips = workdir.ensure_sample_clips()
-    print(f"clips:   {clips}")
-    model = workdir.ensure_tiny_model()
-    print(f"model:   {model}")
-    loaded = load_config(TINY_CONFIG, workdir=workdir.root)
-    print(f"config:  {TINY_CONFIG} ({loaded.job.name}; experts {', '.join(loaded.job.experts)})")
+    from wan_assets.demo import run_demo
+
+    out = run_demo(Path(args.workdir) if args.workdir else None)
+    job = out["job"]
+    print(f"\nworkdir:      {out['workdir']}")
+    print(f"clips:        {job.process.datasets[0].folder_path}")
+    print(f"model:        {job.process.model.name_or_path}")
+    print(f"latent cache: {Path(out['workdir']) / 'cache'}")
+    print(f"run:          {job.run_dir()}")
+    print(f"metrics:      {Path(out['workdir']) / 'metrics.duckdb'}")
+    for key, reason in out["failed_clips"].items():
+        print(f"failed clip {key}: {reason}", file=sys.stderr)
     return 0
 
 
@@ -123,6 +145,20 @@ def _parser() -> argparse.ArgumentParser:
     p = add("train", cmd_train, "train the LoRA(s) from the latent cache, no Dagster needed")
     p.add_argument("config")
     p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
+    p.add_argument(
+        "--restart-on-new-data",
+        action="store_true",
+        help="with --resume: if the latent cache changed, keep the old run aside and start afresh",
+    )
+    p.add_argument(
+        "--experts",
+        choices=["high_noise", "low_noise", "both"],
+        default=None,
+        help="train only this expert (overrides model.model_kwargs)",
+    )
+    p = add("ui", cmd_ui, "Dagster UI + daemon; every request needs $WAN_ASSETS_AUTH when it is set")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
+    p.add_argument("--port", type=int, default=3000)
     p = add("tiny-model", cmd_tiny_model, "write the embedded tiny Wan 2.2 I2V model to DIR")
     p.add_argument("dir")
     p.add_argument("--seed", type=int, default=0)

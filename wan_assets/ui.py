@@ -39,6 +39,7 @@ WORKSPACE_YAML = REPO / "workspace.yaml"
 GPU_POOL = "gpu"
 DUCKDB_WRITER_POOL = "duckdb_writer"
 DAEMON_STOP_TIMEOUT_S = 20.0
+PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 
 # Written once; later edits are the user's. Pool limits are not here because dagster.yaml only
 # takes a default: `apply_pool_limits` sets them through the instance at every start.
@@ -60,12 +61,16 @@ concurrency:
 """
 
 
-def serve(workdir: Path, host: str = "127.0.0.1", port: int = 3000, token: str | None = None) -> None:
+def serve(
+    workdir: str | Path | None, host: str = "127.0.0.1", port: int = 3000, token: str | None = None
+) -> None:
     """Serve the Dagster UI for `workdir` on host:port, with the daemon, until SIGTERM or SIGINT.
 
-    `token` None reads $WAN_ASSETS_AUTH; an empty token means no auth.
+    `workdir` None is the default workdir; `token` None reads $WAN_ASSETS_AUTH; an empty token means
+    no auth.
     """
     token = os.environ.get("WAN_ASSETS_AUTH") if token is None else token
+    workspace = workspace_yaml()
     root = Workdir.open(workdir)
     home = root.dagster_home
     write_instance_config(home)
@@ -78,6 +83,8 @@ def serve(workdir: Path, host: str = "127.0.0.1", port: int = 3000, token: str |
             file=sys.stderr,
         )
 
+    # Installed before the daemon starts, which then inherits default dispositions: never a SIGINT
+    # ignored by a background shell, which the daemon would copy onto SIGTERM and so not stop.
     previous_handlers = _raise_on_stop_signals()
     daemon: subprocess.Popen[bytes] | None = None
     try:
@@ -85,9 +92,9 @@ def serve(workdir: Path, host: str = "127.0.0.1", port: int = 3000, token: str |
         # processes never race to create it.
         with DagsterInstance.get() as instance:
             apply_pool_limits(instance, pool_limits())
-            daemon = start_daemon(REPO)
+            daemon = start_daemon(workspace)
             print(f"dagster daemon: pid {daemon.pid}; DAGSTER_HOME={home}", file=sys.stderr)
-            serve_webserver(instance, host, port, token or None)
+            serve_webserver(instance, workspace, host, port, token or None)
     except KeyboardInterrupt:
         pass  # SIGINT or SIGTERM: a normal way to stop the UI
     finally:
@@ -130,32 +137,30 @@ def is_loopback(host: str) -> bool:
         return False  # a host name: assume it is reachable from elsewhere
 
 
-def start_daemon(repo: Path) -> subprocess.Popen[bytes]:
-    """`dagster-daemon run` on the repo's workspace.yaml, in its own process group."""
-    workspace = repo / "workspace.yaml"
-    if not workspace.is_file():
+def workspace_yaml() -> Path:
+    """The repo's workspace.yaml: the one place that names the code location."""
+    if not WORKSPACE_YAML.is_file():
         raise FileNotFoundError(
-            f"{workspace} not found: run `wan-assets ui` from a checkout installed with `pip install -e .`"
+            f"{WORKSPACE_YAML} not found: run `wan-assets ui` from a checkout installed with `pip install -e .`"
         )
+    return WORKSPACE_YAML
+
+
+def start_daemon(workspace: Path) -> subprocess.Popen[bytes]:
+    """`dagster-daemon run` on `workspace`, in its own process group, from the repo root."""
     # `python -m dagster._daemon` is the `dagster-daemon` script, run by this very interpreter.
     command = [sys.executable, "-m", "dagster._daemon", "run", "-w", str(workspace)]
-    return subprocess.Popen(command, cwd=repo, start_new_session=True, preexec_fn=_child_setup())
+    return subprocess.Popen(
+        command, cwd=workspace.parent, start_new_session=True, preexec_fn=_die_with_parent()
+    )
 
 
-def _child_setup() -> Callable[[], None]:
-    """What the daemon's process runs between fork and exec (libc is loaded here, before the fork)."""
-    libc = ctypes.CDLL(None) if sys.platform == "linux" else None
-    pr_set_pdeathsig = 1
-
-    def setup() -> None:
-        # A shell that starts us in the background hands down SIGINT ignored, and the daemon maps
-        # SIGTERM onto SIGINT's handler: restore it so that our SIGTERM stops the daemon.
-        signal.signal(signal.SIGINT, signal.SIG_DFL)
-        if libc is not None:
-            # Should this process be killed outright (SIGKILL), the daemon gets SIGTERM, not orphaned.
-            libc.prctl(pr_set_pdeathsig, signal.SIGTERM)
-
-    return setup
+def _die_with_parent() -> Callable[[], None] | None:
+    """Linux: the daemon gets SIGTERM should this process be killed outright (SIGKILL), not orphaned."""
+    if sys.platform != "linux":
+        return None
+    libc = ctypes.CDLL(None)  # loaded before the fork: only the one syscall runs between fork and exec
+    return lambda: libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def stop_process_group(process: subprocess.Popen[bytes], timeout_s: float = DAEMON_STOP_TIMEOUT_S) -> None:
@@ -185,7 +190,7 @@ def _group_alive(pgid: int) -> bool:
     return True
 
 
-def _raise_on_stop_signals() -> dict[int, signal.Handlers | Callable | int | None]:
+def _raise_on_stop_signals() -> dict[int, Callable[[int, FrameType | None], object] | int | None]:
     """SIGINT and SIGTERM raise KeyboardInterrupt; returns the handlers they replace."""
 
     # uvicorn restores the handlers it found and re-raises the signal once it has shut down; with
@@ -196,13 +201,15 @@ def _raise_on_stop_signals() -> dict[int, signal.Handlers | Callable | int | Non
     return {signum: signal.signal(signum, interrupt) for signum in (signal.SIGINT, signal.SIGTERM)}
 
 
-def serve_webserver(instance: DagsterInstance, host: str, port: int, token: str | None) -> None:
+def serve_webserver(
+    instance: DagsterInstance, workspace: Path, host: str, port: int, token: str | None
+) -> None:
     """Dagster's own webserver app, wrapped in `TokenAuth` when there is a token, served by uvicorn."""
     # As `dagster-webserver` does: settings meant for a long-running server process.
     instance.optimize_for_webserver(
         DEFAULT_DB_STATEMENT_TIMEOUT, DEFAULT_POOL_RECYCLE, DEFAULT_POOL_MAX_OVERFLOW
     )
-    target = WorkspaceFileTarget(paths=[str(WORKSPACE_YAML)])
+    target = WorkspaceFileTarget(paths=[str(workspace)])
     with WorkspaceProcessContext(instance, version=__version__, workspace_load_target=target) as context:
         app = create_app_from_workspace_process_context(context)
         print(f"Dagster UI: http://{host}:{port}" + (" (token required)" if token else ""), file=sys.stderr)

@@ -592,6 +592,13 @@ def _is_workdir_relative(name_or_path: str, base: Path) -> bool:
     return name_or_path.startswith(".") or name_or_path.count("/") != 1 or (base / path).exists()
 
 
+def with_experts(job: JobConfig, experts: tuple[str, ...]) -> JobConfig:
+    """The same job training only `experts` (the Dagster subset / `wan-assets train --experts`)."""
+    kwargs = ModelKwargs(train_high_noise="high_noise" in experts, train_low_noise="low_noise" in experts)
+    model = job.process.model.model_copy(update={"model_kwargs": kwargs})
+    return job.model_copy(update={"process": job.process.model_copy(update={"model": model})})
+
+
 def default_workdir() -> Path:
     """`$WAN_ASSETS_HOME`, else `./.wan_assets` (DESIGN 8)."""
     return Path(os.environ.get("WAN_ASSETS_HOME") or ".wan_assets").resolve()

@@ -28,9 +28,11 @@ process that holds the file and what to do. A user who keeps the file open in th
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import math
+import os
 import re
 import time
 from collections.abc import Iterator, Sequence
@@ -183,9 +185,74 @@ def ensure_schema(con: duckdb.DuckDBPyConnection) -> None:
 _LOCK_HOLDER = re.compile(r"Conflicting lock is held in (.+?) \(PID (\d+)\)")
 
 
+def _attempts(deadline: float) -> Iterator[None]:
+    """Yield once per attempt, sleeping 20 ms doubling to 0.5 s between them, until the deadline."""
+    delay = 0.02
+    while True:
+        yield
+        if time.monotonic() + delay > deadline:
+            return
+        time.sleep(delay)
+        delay = min(delay * 2, 0.5)
+
+
+def _turnstile(db_path: Path) -> Path:
+    return db_path.with_name(db_path.name + ".turnstile")
+
+
+def _take_turn(fd: int, deadline: float) -> bool:
+    for _ in _attempts(deadline):
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            continue
+    return False
+
+
+def _turn_holder(path: Path) -> str:
+    return path.read_text(encoding="utf-8").strip() or "unknown PID"
+
+
+@contextmanager
+def _writer_turn(db_path: Path, deadline: float, timeout_s: float) -> Iterator[None]:
+    """Hold the turnstile while writing. DuckDB has no queue: overlapping readers alone can keep its
+    lock from a writer for ever (measured: 8 s waits with three polling readers). Readers pass
+    through the turnstile before they open, so a waiting writer stops new readers and gets the
+    file as soon as the current queries end."""
+    path = _turnstile(db_path)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        if not _take_turn(fd, deadline):
+            raise DatabaseBusy(
+                f"metrics database {db_path} is busy: another writer (PID {_turn_holder(path)}) still held it "
+                f"after {timeout_s:g}s; writers queue one at a time, re-run when it is done"
+            )
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the turn
+
+
+def _wait_for_writers(db_path: Path, deadline: float, timeout_s: float) -> None:
+    path = _turnstile(db_path)
+    if not path.is_file():
+        return  # no writer ever used this file
+    fd = os.open(path, os.O_RDONLY)  # flock works on a read-only descriptor: readers need no write access
+    try:
+        if not _take_turn(fd, deadline):
+            raise DatabaseBusy(
+                f"metrics database {db_path} is busy: a writer (PID {_turn_holder(path)}) was still writing "
+                f"or waiting to write after {timeout_s:g}s; retry in a moment"
+            )
+    finally:
+        os.close(fd)
+
+
 def _is_lock_conflict(exc: duckdb.Error) -> bool:
     text = str(exc)
-    # Another process holds the OS file lock / this process holds the other kind of connection.
+    # Another process holds DuckDB's file lock / this process holds the other kind of connection.
     return "Could not set lock on file" in text or "different configuration" in text
 
 
@@ -213,46 +280,47 @@ def _busy_message(db_path: Path, exc: duckdb.Error, read_only: bool, timeout_s: 
     )
 
 
-def connect(db_path: Path, *, read_only: bool, timeout_s: float) -> duckdb.DuckDBPyConnection:
-    """Open the file, retrying lock conflicts with backoff for up to `timeout_s` seconds."""
-    db_path = Path(db_path)
-    if read_only and not db_path.is_file():
-        raise MetricsDbError(f"no metrics database at {db_path}; run training or `wan-assets demo` first")
-    if not read_only:
-        db_path.parent.mkdir(parents=True, exist_ok=True)
-    deadline = time.monotonic() + timeout_s
-    delay = 0.02
-    while True:
+def _open(db_path: Path, *, read_only: bool, deadline: float, timeout_s: float) -> duckdb.DuckDBPyConnection:
+    """duckdb.connect, retrying lock conflicts (DuckDB fails them at once) until the deadline."""
+    for _ in _attempts(deadline):
         try:
             return duckdb.connect(str(db_path), read_only=read_only)
         except (duckdb.IOException, duckdb.ConnectionException) as exc:
             if not _is_lock_conflict(exc):
                 raise
-            if time.monotonic() + delay > deadline:
-                raise DatabaseBusy(_busy_message(db_path, exc, read_only, timeout_s)) from None
-            time.sleep(delay)
-            delay = min(delay * 2, 0.5)
+            conflict = exc
+    raise DatabaseBusy(_busy_message(db_path, conflict, read_only, timeout_s))
 
 
 @contextmanager
 def writer(db_path: Path, timeout_s: float = WRITE_TIMEOUT_S) -> Iterator[duckdb.DuckDBPyConnection]:
     """A read-write connection inside one transaction, closed (lock released) on exit."""
-    con = connect(db_path, read_only=False, timeout_s=timeout_s)
-    try:
-        con.begin()
-        ensure_schema(con)
-        yield con
-        con.commit()
-    except BaseException:
-        con.rollback()
-        raise
-    finally:
-        con.close()
+    db_path = Path(db_path)
+    db_path.parent.mkdir(parents=True, exist_ok=True)
+    deadline = time.monotonic() + timeout_s
+    with _writer_turn(db_path, deadline, timeout_s):
+        con = _open(db_path, read_only=False, deadline=deadline, timeout_s=timeout_s)
+        try:
+            con.begin()
+            ensure_schema(con)
+            yield con
+            con.commit()
+        except BaseException:
+            con.rollback()
+            raise
+        finally:
+            con.close()
 
 
 @contextmanager
 def reader(db_path: Path, timeout_s: float = READ_TIMEOUT_S) -> Iterator[duckdb.DuckDBPyConnection]:
-    con = connect(db_path, read_only=True, timeout_s=timeout_s)
+    """A read-only connection, closed on exit so that it holds writers off no longer than its use."""
+    db_path = Path(db_path)
+    if not db_path.is_file():
+        raise MetricsDbError(f"no metrics database at {db_path}; run training or `wan-assets demo` first")
+    deadline = time.monotonic() + timeout_s
+    _wait_for_writers(db_path, deadline, timeout_s)
+    con = _open(db_path, read_only=True, deadline=deadline, timeout_s=timeout_s)
     try:
         yield con
     finally:

@@ -9,7 +9,9 @@ exact losses of an uninterrupted one on CPU.
 from __future__ import annotations
 
 import gc
+import hashlib
 import math
+import shutil
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -50,6 +52,7 @@ class TrainParts:
     stream: BatchStream
     device: torch.device
     compute_dtype: torch.dtype
+    index_hash: str  # the latent index trained on: a checkpoint resumes only on the same data
     sampling_extras: WanComponents | None = (
         None  # VAE, text encoder, untrained expert; loaded on first sample
     )
@@ -136,6 +139,7 @@ def build_parts(job: JobConfig, cache_dir: Path, device: torch.device | None = N
     scheduler = AlphaScheduler(job.process.network, job.experts)
     for expert in job.experts:
         set_lora_scale(model.expert(expert), scheduler.alpha(expert), expert)
+    index_hash = hashlib.sha256(index_file.read_bytes()).hexdigest()[:16]
     stream = BatchStream(
         load_index(index_file),
         batch_size=train.batch_size,
@@ -153,6 +157,7 @@ def build_parts(job: JobConfig, cache_dir: Path, device: torch.device | None = N
         stream=stream,
         device=device,
         compute_dtype=compute_dtype,
+        index_hash=index_hash,
     )
 
 
@@ -309,6 +314,7 @@ def save_checkpoint(parts: TrainParts, state: TrainState) -> list[Path]:
         "step": step,
         "run_id": state.run_id,
         "experts": parts.experts,
+        "index_hash": parts.index_hash,
         "optimizer": parts.optimizer.state_dict(),
         "gradient_stability": parts.stability.state_dict(),
         "lora": {e: [p.detach().clone() for p in parts.params[e]] for e in parts.experts},
@@ -329,18 +335,27 @@ def _lora_metadata(parts: TrainParts, expert: str, step: int) -> dict[str, str]:
     }
 
 
-def resume(parts: TrainParts, state: TrainState) -> bool:
-    """Load the newest complete checkpoint; truncate the JSONL to its step. False if there is none."""
+def resume(parts: TrainParts, state: TrainState, *, restart_on_new_data: bool = False) -> bool:
+    """Load the newest complete checkpoint; truncate the JSONL to its step. False if there is none.
+
+    A checkpoint trained on another latent index (or other experts) cannot be resumed exactly: that
+    is an error, or, with `restart_on_new_data` (the Dagster asset after new clips arrived), the old
+    run folder is kept aside as `<name>.<run_id>` and training starts afresh.
+    """
     steps = parts.files.complete_steps(parts.experts)
     if not steps:
+        truncate(parts.files.metrics, 0)  # killed before its first checkpoint: nothing to keep
         return False
     step = steps[-1]
     saved = load_state(parts.files.state(step))
-    if tuple(saved["experts"]) != parts.experts:
-        raise TrainingError(
-            f"checkpoint {parts.files.state(step)} trained {saved['experts']}, this config trains {parts.experts}; "
-            "resume with the run's own config.yaml or choose a new name"
-        )
+    problem = _resume_problem(parts, saved, parts.files.state(step))
+    if problem is not None:
+        if not restart_on_new_data:
+            raise TrainingError(problem)
+        archive = parts.files.root.with_name(f"{parts.files.root.name}.{saved['run_id']}")
+        shutil.move(parts.files.root, archive)
+        parts.files.root.mkdir(parents=True)
+        return False
     with torch.no_grad():
         for expert in parts.experts:
             for p, value in zip(parts.params[expert], saved["lora"][expert], strict=True):
@@ -353,6 +368,20 @@ def resume(parts: TrainParts, state: TrainState) -> bool:
     state.step, state.run_id = step, saved["run_id"]
     truncate(parts.files.metrics, step)
     return True
+
+
+def _resume_problem(parts: TrainParts, saved: dict, path: Path) -> str | None:
+    if tuple(saved["experts"]) != parts.experts:
+        return (
+            f"checkpoint {path} trained {', '.join(saved['experts'])}, this config trains "
+            f"{', '.join(parts.experts)}; resume with the run's own config.yaml or change config.name"
+        )
+    if saved.get("index_hash") != parts.index_hash:
+        return (
+            f"the latent cache changed since checkpoint {path}, so it cannot be resumed exactly; "
+            "change config.name for a new run (or pass --restart-on-new-data)"
+        )
+    return None
 
 
 def save_final(parts: TrainParts) -> dict[str, Path]:
@@ -378,6 +407,7 @@ def train(
     cache_dir: Path,
     *,
     resume_run: bool = False,
+    restart_on_new_data: bool = False,
     reporter: Reporter | None = None,
     device: torch.device | None = None,
     stop_after: int | None = None,
@@ -388,7 +418,7 @@ def train(
     state = TrainState(run_id=uuid.uuid4().hex[:12])
     files = parts.files
     files.root.mkdir(parents=True, exist_ok=True)
-    if resume_run and resume(parts, state):
+    if resume_run and resume(parts, state, restart_on_new_data=restart_on_new_data):
         reporter.log(f"resumed {job.name} at step {state.step} (run {state.run_id})")
     elif files.complete_steps(parts.experts) or files.metrics.exists():
         raise TrainingError(

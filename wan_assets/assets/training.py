@@ -1,0 +1,152 @@
+"""Training assets (DESIGN 5, 6): the two experts' LoRAs from one run, and their evaluation.
+
+`lora_high_noise` / `lora_low_noise` are one multi-asset: select both for one alternating run, or one
+for a run of that expert only. It launches `wan-assets train` through Dagster Pipes; progress and
+alpha-phase transitions arrive as asset observations while it runs.
+"""
+
+import math
+
+from dagster import (
+    AssetCheckResult,
+    AssetCheckSeverity,
+    AssetCheckSpec,
+    AssetExecutionContext,
+    AssetKey,
+    AssetObservation,
+    AssetSpec,
+    AutomationCondition,
+    MaterializeResult,
+    MetadataValue,
+    asset,
+    multi_asset,
+)
+
+from resources.launcher import TrainingLauncher
+from resources.project import WanProjectResource
+from wan_assets.assets.data import latent_cache
+from wan_assets.core.config import with_experts
+from wan_assets.core.experts import EXPERTS
+from wan_assets.core.run_files import RunFiles
+from wan_assets.core.run_summary import summarize
+from wan_assets.metadata import table_metadata
+from wan_assets.pipes_reporter import asset_key
+
+LORA_KEYS = {expert: AssetKey(asset_key(expert)) for expert in EXPERTS}
+# Retrain when the latent cache changed, at most once a night (issue 6 makes the cron configurable).
+RETRAIN = AutomationCondition.on_cron("0 2 * * *") & ~AutomationCondition.in_progress()
+
+
+def _observation(message: dict) -> AssetObservation | None:
+    kind = message.get("kind")
+    expert = message.get("expert")
+    if expert not in LORA_KEYS:
+        return None
+    metadata = {k: v for k, v in message.items() if k not in ("kind", "criteria") and v is not None}
+    if kind == "transition":
+        metadata["event"] = "alpha phase transition"
+        metadata["criteria"] = MetadataValue.json(message["criteria"])
+    return AssetObservation(asset_key=LORA_KEYS[expert], metadata=metadata)
+
+
+@multi_asset(
+    name="lora_training",
+    specs=[
+        AssetSpec(
+            LORA_KEYS[expert],
+            deps=[latent_cache],
+            group_name="training",
+            automation_condition=RETRAIN,
+            description=f"The {expert.replace('_', '-')} expert's LoRA ({'transformer/' if expert == 'high_noise' else 'transformer_2/'}), "
+            "trained from the latent cache with the alpha schedule; ComfyUI / diffusers keys.",
+            skippable=True,
+        )
+        for expert in EXPERTS
+    ],
+    check_specs=[
+        AssetCheckSpec(
+            "training_loss_finite", asset=LORA_KEYS[e], description="Final loss and EMA are finite"
+        )
+        for e in EXPERTS
+    ],
+    can_subset=True,
+    pool="gpu",
+)
+def lora_training(context: AssetExecutionContext, project: WanProjectResource, launcher: TrainingLauncher):
+    """One training run of the selected experts through `wan-assets train` (Dagster Pipes)."""
+    experts = tuple(e for e in EXPERTS if LORA_KEYS[e] in context.selected_asset_keys)
+    job = with_experts(project.job(), experts)
+    project.root().ensure_model(job.process.model.name_or_path)
+    command = launcher.command(project.config_path, str(project.root().root), experts)
+
+    def observe(message: dict) -> None:
+        observation = _observation(message)
+        if observation is not None:
+            context.log_event(observation)
+
+    reported = list(launcher.run(context, command, observe))
+    yield from reported
+    summary = summarize(RunFiles.of(job), experts, plot=False)
+    for expert in experts:
+        mine = summary.experts[expert]
+        finite = all(v is not None and math.isfinite(v) for v in (mine.final_loss, mine.loss_ema_50))
+        yield AssetCheckResult(
+            asset_key=LORA_KEYS[expert],
+            check_name="training_loss_finite",
+            passed=finite,
+            severity=AssetCheckSeverity.ERROR,
+            metadata={
+                "final_loss": mine.final_loss or float("nan"),
+                "skipped": MetadataValue.json(summary.skipped),
+            },
+        )
+
+
+@asset(
+    deps=[LORA_KEYS["high_noise"], LORA_KEYS["low_noise"]],
+    group_name="training",
+    pool="gpu",
+    check_specs=[
+        AssetCheckSpec(
+            "beats_base_model",
+            asset="evaluated_checkpoints",
+            description="The best checkpoint's held-out loss is below the base model's",
+        )
+    ],
+)
+def evaluated_checkpoints(context: AssetExecutionContext, project: WanProjectResource):
+    """Held-out validation loss per expert at fixed timestep quantiles and noise seeds for the base
+    model (step 0) and every kept checkpoint, sample videos from held-out first frames, a contact sheet,
+    and the best checkpoint."""
+    from wan_assets.core.evaluation import evaluate_run
+
+    job = project.job()
+    project.root().ensure_model(job.process.model.name_or_path)
+    report = evaluate_run(job, project.root().cache, device=project.torch_device())
+    means = report.mean_by_step()
+    best = report.best_step
+    metadata = {
+        "checkpoints": table_metadata(report.table()),
+        "best_step": best,
+        "best_val_loss": means[best],
+        "base_val_loss": means[0],
+        "improvement": (means[0] - means[best]) / means[0] if means[0] else 0.0,
+        "samples": MetadataValue.json({str(k): [str(p) for p in v] for k, v in report.samples.items()}),
+    }
+    if report.contact_sheet is not None:
+        metadata["contact_sheet"] = MetadataValue.path(str(report.contact_sheet))
+        metadata["contact_sheet_preview"] = MetadataValue.md(_inline_png(report.contact_sheet))
+    context.log.info(f"best checkpoint: step {best} (val loss {means[best]:.5f}, base {means[0]:.5f})")
+    yield MaterializeResult(metadata=metadata)
+    yield AssetCheckResult(
+        check_name="beats_base_model",
+        passed=report.beats_base,
+        severity=AssetCheckSeverity.ERROR,
+        metadata={"best_step": best, "best_val_loss": means[best], "base_val_loss": means[0]},
+    )
+
+
+def _inline_png(path) -> str:
+    import base64
+
+    return f"![contact sheet](data:image/png;base64,{base64.b64encode(path.read_bytes()).decode()})"
