@@ -26,7 +26,13 @@ from starlette.websockets import WebSocket
 from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect as ws_connect
 
-from wan_assets.ui import DAGSTER_YAML, is_loopback, pool_limits, stop_process_group, write_instance_config
+from wan_assets.ui import (
+    DAGSTER_YAML,
+    is_loopback,
+    pool_limits,
+    stop_process_group,
+    write_instance_config,
+)
 from wan_assets.ui_auth import COOKIE_NAME, WS_CLOSE_UNAUTHORIZED, TokenAuth
 
 TOKEN = "correct-horse-battery-staple"
@@ -167,6 +173,22 @@ def test_stop_process_group_kills_what_ignores_sigterm() -> None:
     assert len(family) == 2
     stop_process_group(leader, timeout_s=1.0)
     _, alive = psutil.wait_procs(family, timeout=5)
+    assert not alive
+
+
+def test_daemon_child_dies_with_a_killed_parent(tmp_path: Path) -> None:
+    # The parent starts a child the way `start_daemon` does, then is SIGKILLed: no chance to clean up.
+    script = (
+        "import subprocess, sys, time; from wan_assets.ui import _die_with_parent; "
+        "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'], "
+        "start_new_session=True, preexec_fn=_die_with_parent()); print(child.pid, flush=True); time.sleep(60)"
+    )
+    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE)
+    assert parent.stdout is not None
+    child = psutil.Process(int(parent.stdout.readline()))
+    parent.kill()
+    parent.wait()
+    _, alive = psutil.wait_procs([child], timeout=10)
     assert not alive
 
 
