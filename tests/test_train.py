@@ -267,7 +267,7 @@ def test_seed_example_config_trains_on_the_tiny_model(
 ) -> None:
     raw = yaml.safe_load((CONFIGS / "i2v_lora_alpha_scheduling.yaml").read_text())
     process = raw["config"]["process"][0]
-    process["model"]["name_or_path"] = str(tiny_model_dir)
+    process["model"].update(name_or_path=str(tiny_model_dir), quantize=False)  # seed: uint4, CUDA only
     process["training_folder"] = str(tmp_path)
     process["datasets"][0].update(folder_path=str(clips_dir), num_frames=9, max_pixels_per_frame=4096, fps=4)
     process["train"].update(steps=4, attention_backend="sdpa", dtype="fp32")

@@ -289,7 +289,9 @@ class TrainConfig(_Model):
     steps: int = Field(default=2000, ge=1)
     gradient_accumulation: int = Field(default=1, ge=1, alias="gradient_accumulation_steps")
     train_text_encoder: bool = False
-    gradient_checkpointing: bool = True
+    # true = recompute whole blocks; "selective" = keep the cheap-to-store, costly-to-recompute
+    # activations (attention outputs) and recompute the rest; false = keep everything.
+    gradient_checkpointing: bool | Literal["selective"] = True
     noise_scheduler: Literal["flowmatch"] = "flowmatch"
     timestep_type: Literal["uniform", "linear", "sigmoid", "shift"] = "sigmoid"
     timestep_shift: float = Field(default=3.0, gt=0)
@@ -302,6 +304,13 @@ class TrainConfig(_Model):
     attention_backend: str = "sdpa"
     seed: int = 42
     offload_inactive_expert: bool = False
+    # Speed: torch.compile the transformer blocks; fp8 (torchao float8 rowwise) matmuls for the
+    # frozen base linears (needs a GPU with fp8 tensor cores, e.g. H100).
+    compile: bool = False
+    fp8_compute: bool = False
+    # Memory: keep saved activations (checkpoint inputs) in pinned CPU memory between forward and
+    # backward.
+    activation_offload: bool = False
 
     @field_validator("train_text_encoder")
     @classmethod
@@ -319,8 +328,6 @@ class ModelKwargs(_Model):
 class ModelConfig(_Model):
     INERT = frozenset(
         {
-            "quantize",
-            "qtype",
             "quantize_te",
             "qtype_te",
             "extras_name_or_path",
@@ -332,6 +339,11 @@ class ModelConfig(_Model):
     )
     name_or_path: str
     arch: Literal["wan22_14b_i2v"] = "wan22_14b_i2v"
+    # Weight-only quantization of the frozen experts (memory mode): qfloat8/float8 -> torchao fp8
+    # weight-only, qint8/int8 -> int8 weight-only, uint4/int4 -> int4 weight-only (CUDA only). The
+    # seed's "uint4|<accuracy recovery adapter>" form is accepted; the adapter part is not applied.
+    quantize: bool = False
+    qtype: str = "qfloat8"
     low_vram: bool = False
     model_kwargs: ModelKwargs = ModelKwargs()
 
