@@ -9,12 +9,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 from wan_assets.core.config import ConfigError, dump_config, load_config, with_experts
-from wan_assets.core.errors import TrainingError
+from wan_assets.core.errors import MetricsDbError, TrainingError
 from wan_assets.core.experts import EXPERTS
 from wan_assets.core.workdir import Workdir
 
 # Errors that are the user's to fix: printed as one line, exit status 1, no traceback.
-USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, FileNotFoundError, TrainingError)
+USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, FileNotFoundError, TrainingError, MetricsDbError)
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -84,6 +84,35 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sql(args: argparse.Namespace) -> int:
+    from wan_assets.core.metrics_db import format_table, query
+
+    columns, rows = query(Workdir.open(args.workdir).database, args.query)
+    print(format_table(columns, rows))
+    print(f"({len(rows)} rows)", file=sys.stderr)
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from wan_assets.core.evaluation import evaluate_run
+
+    workdir, job = _load(args)
+    report = evaluate_run(job, workdir.cache)
+    for row in report.table():
+        cells = "  ".join(
+            f"{k}={v:.5f}" if isinstance(v, float) else f"{k}={v}"
+            for k, v in row.items()
+            if k != "checkpoint"
+        )
+        print(cells)
+    print(
+        f"best checkpoint: step {report.best_step}{'' if report.beats_base else ' (does not beat the base model)'}"
+    )
+    if report.contact_sheet is not None:
+        print(f"contact sheet: {report.contact_sheet}")
+    return 0
+
+
 def cmd_ui(args: argparse.Namespace) -> int:
     from wan_assets.ui import serve  # lazy: keeps the other commands from importing dagster
 
@@ -118,6 +147,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"latent cache: {Path(out['workdir']) / 'cache'}")
     print(f"run:          {job.run_dir()}")
     print(f"metrics:      {Path(out['workdir']) / 'metrics.duckdb'}")
+    from wan_assets.core.metrics_db import summary
+
+    print("\n" + summary(Path(out["workdir"]) / "metrics.duckdb"))
     for key, reason in out["failed_clips"].items():
         print(f"failed clip {key}: {reason}", file=sys.stderr)
     return 0
@@ -156,6 +188,10 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="train only this expert (overrides model.model_kwargs)",
     )
+    p = add("eval", cmd_eval, "score the base model and every kept checkpoint on held-out clips")
+    p.add_argument("config")
+    p = add("sql", cmd_sql, "read-only SQL over the metrics database, printed as a table")
+    p.add_argument("query")
     p = add("ui", cmd_ui, "Dagster UI + daemon; every request needs $WAN_ASSETS_AUTH when it is set")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
     p.add_argument("--port", type=int, default=3000)

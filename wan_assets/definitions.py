@@ -5,10 +5,12 @@ from dagster import Definitions
 from resources.launcher import TrainingLauncher
 from resources.project import WanProjectResource
 from wan_assets.assets.data import captions, latent_cache, latents, raw_videos
+from wan_assets.assets.metrics import training_metrics
 from wan_assets.assets.training import evaluated_checkpoints, lora_training
+from wan_assets.automation import automation_sensor, evaluation_schedule, train_and_evaluate
 from wan_assets.sensors import new_clips_sensor
 
-ASSETS = [raw_videos, captions, latents, latent_cache, lora_training, evaluated_checkpoints]
+ASSETS = [raw_videos, captions, latents, latent_cache, lora_training, evaluated_checkpoints, training_metrics]
 
 
 def resources() -> dict:
@@ -17,6 +19,8 @@ def resources() -> dict:
 
 defs = Definitions(
     assets=ASSETS,
-    sensors=[new_clips_sensor],
+    sensors=[new_clips_sensor, automation_sensor],
+    schedules=[evaluation_schedule],
+    jobs=[train_and_evaluate],
     resources=resources(),
 )

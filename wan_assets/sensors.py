@@ -20,13 +20,16 @@ from dagster import (
 
 from resources.project import WanProjectResource
 from wan_assets.assets.data import videos
+from wan_assets.core.captions import caption_path
 
 PER_CLIP_ASSETS = [AssetKey("raw_videos"), AssetKey("captions"), AssetKey("latents")]
 
 
-def _stamp(path) -> list[int]:
+def _stamp(path, caption) -> list[int]:
+    """(size, mtime) of the clip and of its caption: an edited caption re-runs the clip too."""
     stat = path.stat()
-    return [stat.st_size, stat.st_mtime_ns]
+    cap = caption.stat() if caption.is_file() else None
+    return [stat.st_size, stat.st_mtime_ns, cap.st_size if cap else -1, cap.st_mtime_ns if cap else -1]
 
 
 @sensor(
@@ -38,13 +41,17 @@ def _stamp(path) -> list[int]:
 )
 def new_clips_sensor(context: SensorEvaluationContext, project: WanProjectResource) -> SensorResult:
     previous: dict[str, list[int]] = json.loads(context.cursor) if context.cursor else {}
-    current = {source.key: _stamp(source.path) for source in project.clips()}
+    job = project.job()
+    current = {
+        s.key: _stamp(s.path, caption_path(s.path, job.process.datasets[s.dataset_index].caption_ext))
+        for s in project.clips()
+    }
     known = set(context.instance.get_dynamic_partitions(videos.name))
     added = sorted(set(current) - known)
     removed = sorted(known - set(current))
     changed = sorted(k for k in current if k in known and previous.get(k) not in (None, current[k]))
     requests = [
-        RunRequest(run_key=f"{key}:{current[key][0]}:{current[key][1]}", partition_key=key)
+        RunRequest(run_key=f"{key}:{':'.join(map(str, current[key]))}", partition_key=key)
         for key in [*added, *changed]
     ]
     partition_requests = []

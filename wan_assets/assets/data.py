@@ -14,7 +14,6 @@ from dagster import (
     AssetCheckSpec,
     AssetExecutionContext,
     AssetIn,
-    AutomationCondition,
     DataVersion,
     DynamicPartitionsDefinition,
     Failure,
@@ -24,6 +23,7 @@ from dagster import (
 )
 
 from resources.project import WanProjectResource
+from wan_assets.automation import INDEX, PER_CLIP
 from wan_assets.core.cache import (
     CLIP_ERRORS,
     ClipProbe,
@@ -38,22 +38,14 @@ from wan_assets.metadata import table_metadata
 
 videos = DynamicPartitionsDefinition(name="videos")
 
-# Per-clip assets run as soon as their clip (partition) appears or changes upstream.
-PER_CLIP = AutomationCondition.eager()
-# The index follows its clips, also when some clips failed (eager() would wait on missing ones).
-INDEX = (
-    AutomationCondition.any_deps_updated().since_last_handled()
-    & ~AutomationCondition.any_deps_in_progress()
-    & ~AutomationCondition.in_progress()
-)
-
 
 def _clip_failure(context: AssetExecutionContext, exc: Exception) -> Failure:
     context.log.error(str(exc))
     return Failure(description=str(exc), metadata={"reason": str(exc)}, allow_retries=False)
 
 
-@asset(partitions_def=videos, group_name="data", automation_condition=PER_CLIP, code_version="1")
+# No automation condition: the new-clip sensor requests raw_videos for new and changed files.
+@asset(partitions_def=videos, group_name="data", code_version="1")
 def raw_videos(context: AssetExecutionContext, project: WanProjectResource) -> Output[dict]:
     """One video clip under a dataset folder: probed with PyAV (fps, frames, size, codec), its sha256
     the data version, so a re-encoded or replaced file flows downstream and an untouched one does not."""

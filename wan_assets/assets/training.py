@@ -15,7 +15,6 @@ from dagster import (
     AssetKey,
     AssetObservation,
     AssetSpec,
-    AutomationCondition,
     MaterializeResult,
     MetadataValue,
     asset,
@@ -25,6 +24,7 @@ from dagster import (
 from resources.launcher import TrainingLauncher
 from resources.project import WanProjectResource
 from wan_assets.assets.data import latent_cache
+from wan_assets.automation import EVALUATE, RETRAIN
 from wan_assets.core.config import with_experts
 from wan_assets.core.experts import EXPERTS
 from wan_assets.core.run_files import RunFiles
@@ -33,8 +33,6 @@ from wan_assets.metadata import table_metadata
 from wan_assets.pipes_reporter import asset_key
 
 LORA_KEYS = {expert: AssetKey(asset_key(expert)) for expert in EXPERTS}
-# Retrain when the latent cache changed, at most once a night (issue 6 makes the cron configurable).
-RETRAIN = AutomationCondition.on_cron("0 2 * * *") & ~AutomationCondition.in_progress()
 
 
 def _observation(message: dict) -> AssetObservation | None:
@@ -42,7 +40,7 @@ def _observation(message: dict) -> AssetObservation | None:
     expert = message.get("expert")
     if expert not in LORA_KEYS:
         return None
-    metadata = {k: v for k, v in message.items() if k not in ("kind", "criteria") and v is not None}
+    metadata = {k: v for k, v in message.items() if k != "criteria" and v is not None}
     if kind == "transition":
         metadata["event"] = "alpha phase transition"
         metadata["criteria"] = MetadataValue.json(message["criteria"])
@@ -106,6 +104,7 @@ def lora_training(context: AssetExecutionContext, project: WanProjectResource, l
     deps=[LORA_KEYS["high_noise"], LORA_KEYS["low_noise"]],
     group_name="training",
     pool="gpu",
+    automation_condition=EVALUATE,
     check_specs=[
         AssetCheckSpec(
             "beats_base_model",

@@ -32,7 +32,7 @@ BASE = "base"
 
 @dataclass(frozen=True)
 class CheckpointScore:
-    checkpoint: str  # "base" or the LoRA path of the high-noise (else low-noise) expert
+    checkpoint: str  # "base" or the expert's LoRA file at that step
     step: int
     expert: str
     quantile: float
@@ -56,7 +56,7 @@ class EvaluationReport:
     def table(self) -> list[dict]:
         rows: dict[int, dict] = {}
         for s in self.scores:
-            row = rows.setdefault(s.step, {"step": s.step, "checkpoint": s.checkpoint})
+            row = rows.setdefault(s.step, {"step": s.step})
             key = f"{s.expert}_val_loss"
             row[key] = row.get(key, 0.0) + s.val_loss / self._num_quantiles
         for step, mean in self.mean_by_step().items():
@@ -91,8 +91,8 @@ def evaluate_run(job: JobConfig, cache_dir: Path, *, device: torch.device | None
     report = EvaluationReport(files.root, [])
     for step in steps:
         _apply_checkpoint(model, job, files, step)
-        label = BASE if step == 0 else str(files.lora(job.experts[0], step))
         for expert in job.experts:
+            label = BASE if step == 0 else str(files.lora(expert, step))
             window = timestep_window(expert, model.boundary_timestep)
             result = validation_loss(
                 model.expert(expert),

@@ -18,12 +18,16 @@ Concurrency, as DuckDB 2.0 behaves (measured, see tests/test_metrics_db.py):
   ("different configuration"); several connections of the same kind share one database.
 - A writer killed mid-transaction leaves a `.wal` file: the uncommitted work is lost, the
   committed data is intact, and readers and the next writer open the file normally.
+- DuckDB has no queue: readers whose queries overlap can keep a writer out indefinitely.
 
 So every connection here is short: writers open read-write, write one transaction, close;
 readers open read-only, run one query, fetch, close. Both retry a lock conflict with backoff for
 a bounded time (`WRITE_TIMEOUT_S`, `READ_TIMEOUT_S`) and then raise `DatabaseBusy`, naming the
-process that holds the file and what to do. A user who keeps the file open in the duckdb CLI
-(even with `-readonly`) holds off ingestion until they close it; `wan-assets sql` never does.
+process that holds the file and what to do. Writers also hold an flock on `<db>.turnstile` while
+they wait and write, and readers pass through it before opening, so a waiting writer stops new
+readers and gets the file once the running queries end (writers queue one at a time). A user who
+keeps the file open in the duckdb CLI (even with `-readonly`) bypasses the turnstile and holds
+off ingestion until they close it; `wan-assets sql` never does.
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ from typing import TYPE_CHECKING, Any
 
 import duckdb
 
+from wan_assets.core.errors import MetricsDbError
 from wan_assets.core.experts import EXPERTS
 from wan_assets.core.metrics_log import METRIC_FIELDS, read_lines
 
@@ -58,57 +63,37 @@ BASE_CHECKPOINT = "base"  # `evaluations.checkpoint` of the base model (no LoRA)
 
 # --- schema: table -> (column -> DuckDB type, primary key); the DDL is generated from these --------------
 
+
+def _columns(spec: str) -> dict[str, str]:
+    return dict(part.split(maxsplit=1) for part in spec.split(", "))
+
+
 TABLES: dict[str, tuple[dict[str, str], tuple[str, ...]]] = {
     "runs": (
-        {
-            "run_id": "VARCHAR",
-            "name": "VARCHAR",
-            "config_hash": "VARCHAR",
-            "experts": "VARCHAR[]",
-            "started": "TIMESTAMPTZ",
-            "finished": "TIMESTAMPTZ",
-            "status": "VARCHAR",
-            "steps": "BIGINT",
-            "run_dir": "VARCHAR",
-        },
+        _columns(
+            "run_id VARCHAR, name VARCHAR, config_hash VARCHAR, experts VARCHAR[], started TIMESTAMPTZ, "
+            "finished TIMESTAMPTZ, status VARCHAR, steps BIGINT, run_dir VARCHAR"
+        ),
         ("run_id",),
     ),
     "metrics": (METRIC_FIELDS, ("run_id", "step")),
     "phase_transitions": (
-        {
-            "run_id": "VARCHAR",
-            "step": "BIGINT",
-            "expert": "VARCHAR",
-            "from_phase": "VARCHAR",
-            "to_phase": "VARCHAR",
-            "from_alpha": "DOUBLE",
-            "to_alpha": "DOUBLE",
-            "forced": "BOOLEAN",
-            "criteria": "JSON",
-        },
-        ("run_id", "expert", "step"),
+        _columns(
+            "run_id VARCHAR, step BIGINT, expert VARCHAR, from_phase VARCHAR, to_phase VARCHAR, "
+            "from_alpha DOUBLE, to_alpha DOUBLE, forced BOOLEAN, criteria JSON"
+        ),
+        # to_phase too: a forced move in the step of a normal one is a second row, not a key clash.
+        ("run_id", "expert", "step", "to_phase"),
     ),
     "checkpoints": (
-        {
-            "run_id": "VARCHAR",
-            "path": "VARCHAR",
-            "step": "BIGINT",
-            "expert": "VARCHAR",
-            "bytes": "BIGINT",
-            "final": "BOOLEAN",
-        },
+        _columns("run_id VARCHAR, path VARCHAR, step BIGINT, expert VARCHAR, bytes BIGINT, final BOOLEAN"),
         ("path",),
     ),
-    # run_id is part of the key because the base model's scores ('base') depend on the run's clips.
+    # run_id is in the key because the base model's scores ('base') depend on the run's clips.
     "evaluations": (
-        {
-            "run_id": "VARCHAR",
-            "checkpoint": "VARCHAR",
-            "step": "BIGINT",
-            "expert": "VARCHAR",
-            "quantile": "DOUBLE",
-            "val_loss": "DOUBLE",
-        },
+        _columns(
+            "run_id VARCHAR, checkpoint VARCHAR, step BIGINT, expert VARCHAR, quantile DOUBLE, val_loss DOUBLE"
+        ),
         ("run_id", "checkpoint", "expert", "quantile"),
     ),
 }
@@ -151,10 +136,6 @@ VIEWS: dict[str, str] = {
         LEFT JOIN transitions t USING (run_id, expert)
         LEFT JOIN best b USING (run_id, expert)""",
 }
-
-
-class MetricsDbError(RuntimeError):
-    """The metrics database cannot answer: missing file, bad query. The message says what to do."""
 
 
 class DatabaseBusy(MetricsDbError):
@@ -211,7 +192,8 @@ def _take_turn(fd: int, deadline: float) -> bool:
 
 
 def _turn_holder(path: Path) -> str:
-    return path.read_text(encoding="utf-8").strip() or "unknown PID"
+    pid = path.read_text(encoding="utf-8").strip()  # written by the writer that holds the turn
+    return f"PID {pid}" if pid else "PID unknown"
 
 
 @contextmanager
@@ -225,7 +207,7 @@ def _writer_turn(db_path: Path, deadline: float, timeout_s: float) -> Iterator[N
     try:
         if not _take_turn(fd, deadline):
             raise DatabaseBusy(
-                f"metrics database {db_path} is busy: another writer (PID {_turn_holder(path)}) still held it "
+                f"metrics database {db_path} is busy: another writer ({_turn_holder(path)}) still held it "
                 f"after {timeout_s:g}s; writers queue one at a time, re-run when it is done"
             )
         os.ftruncate(fd, 0)
@@ -243,7 +225,7 @@ def _wait_for_writers(db_path: Path, deadline: float, timeout_s: float) -> None:
     try:
         if not _take_turn(fd, deadline):
             raise DatabaseBusy(
-                f"metrics database {db_path} is busy: a writer (PID {_turn_holder(path)}) was still writing "
+                f"metrics database {db_path} is busy: a writer ({_turn_holder(path)}) was still writing "
                 f"or waiting to write after {timeout_s:g}s; retry in a moment"
             )
     finally:
@@ -302,12 +284,13 @@ def writer(db_path: Path, timeout_s: float = WRITE_TIMEOUT_S) -> Iterator[duckdb
         con = _open(db_path, read_only=False, deadline=deadline, timeout_s=timeout_s)
         try:
             con.begin()
-            ensure_schema(con)
-            yield con
+            try:
+                ensure_schema(con)
+                yield con
+            except BaseException:
+                con.rollback()
+                raise
             con.commit()
-        except BaseException:
-            con.rollback()
-            raise
         finally:
             con.close()
 
@@ -507,11 +490,13 @@ def ingest_evaluations(
 # --- read -----------------------------------------------------------------------------------------------
 
 
-def query(db_path: Path, sql: str, *, timeout_s: float = READ_TIMEOUT_S) -> tuple[list[str], list[tuple]]:
-    """Run `sql` on a read-only connection; returns (column names, rows). Writes fail clearly."""
+def query(
+    db_path: Path, sql: str, params: Sequence[Any] | None = None, *, timeout_s: float = READ_TIMEOUT_S
+) -> tuple[list[str], list[tuple]]:
+    """Run `sql` (with `?` / `$n` params) read-only; returns (column names, rows). Writes fail clearly."""
     with reader(db_path, timeout_s) as con:
         try:
-            con.execute(sql)
+            con.execute(sql, params)
             if con.description is None:
                 return [], []
             return [d[0] for d in con.description], con.fetchall()
@@ -582,9 +567,8 @@ def summary(db_path: Path, *, max_runs: int = 5, timeout_s: float = READ_TIMEOUT
     newest = runs[0][0]
     parts += [
         "",
-        "more: wan-assets sql \"SELECT * FROM expert_curves WHERE run_id = '"
-        + newest
-        + "' ORDER BY step\" (views: expert_curves, last_metrics, checkpoint_scores, run_summary)",
+        f"more: wan-assets sql \"SELECT * FROM expert_curves WHERE run_id = '{newest}' ORDER BY step\"",
+        "views: expert_curves, last_metrics, checkpoint_scores, run_summary",
     ]
     return "\n".join(parts)
 
@@ -593,8 +577,7 @@ def _summary_tables(con: duckdb.DuckDBPyConnection, run_id: str) -> str:
     experts = con.execute(
         """
         SELECT expert, steps, final_loss_ema_50, final_phase AS phase, final_alpha AS alpha, transitions,
-               CASE WHEN best_checkpoint = 'base' THEN 'base' ELSE parse_filename(best_checkpoint) END
-                   AS best_checkpoint,
+               parse_filename(best_checkpoint) AS best_checkpoint,
                best_val_loss, base_val_loss
         FROM run_summary WHERE run_id = ? ORDER BY expert
         """,

@@ -1,0 +1,119 @@
+"""The whole asset graph in-process on the tiny model: real Pipes, real `wan-assets train`, DuckDB."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from dagster import (
+    AssetKey,
+    DagsterEventType,
+    DagsterInstance,
+    EventRecordsFilter,
+    instance_for_test,
+    materialize,
+)
+from PIL import Image
+
+from resources.project import WanProjectResource
+from wan_assets.assets.training import evaluated_checkpoints
+from wan_assets.core.metrics_db import query
+from wan_assets.definitions import ASSETS, resources
+from wan_assets.demo import sync_partitions
+
+from .conftest import CONFIGS, REPO
+
+
+@pytest.fixture(scope="module")
+def graph(tmp_path_factory: pytest.TempPathFactory, clips_dir: Path, tiny_model_dir: Path):
+    """One materialization of every asset, shared by the tests of this module."""
+    workdir = tmp_path_factory.mktemp("graph")
+    shutil.copytree(clips_dir, workdir / "clips")
+    shutil.copytree(tiny_model_dir, workdir / "models" / "wan22-i2v-tiny")
+    project = WanProjectResource(config_path=str(CONFIGS / "tiny_cpu.yaml"), workdir=str(workdir))
+    all_resources = {**resources(), "project": project}
+    with instance_for_test() as instance:
+        sync_partitions(instance, project)
+        per_clip = [a for a in ASSETS if a.partitions_def is not None]
+        for key in instance.get_dynamic_partitions("videos"):
+            assert materialize(
+                per_clip, partition_key=key, resources=all_resources, instance=instance
+            ).success
+        rest = [a for a in ASSETS if a.partitions_def is None]
+        result = materialize([*per_clip, *rest], selection=rest, resources=all_resources, instance=instance)
+        assert result.success
+        yield instance, project, all_resources, result
+
+
+def _materialization(instance: DagsterInstance, key: str):
+    return instance.get_latest_materialization_event(AssetKey(key)).asset_materialization
+
+
+def test_training_reports_transitions_plot_and_live_observations(graph) -> None:
+    instance, _, _, _ = graph
+    for expert in ("high_noise", "low_noise"):
+        meta = _materialization(instance, f"lora_{expert}").metadata
+        assert meta["steps"].value == 300
+        rows = meta["phase_transitions"].value.records
+        assert {r.data["expert"] for r in rows} == {"high_noise", "low_noise"}
+        assert all(r.data["to_phase"] == "emphasis" and "loss_samples=" in r.data["criteria"] for r in rows)
+        with Image.open(meta["loss_plot"].value) as plot:
+            assert plot.format == "PNG" and plot.size[0] > 300
+        assert meta["loss_plot_preview"].value.startswith("![loss per expert](data:image/png;base64,")
+        assert Path(meta["lora"].value).is_file()
+    # Observations came from the running trainer, each before the materialization that ended it.
+    observations = instance.fetch_observations(AssetKey("lora_high_noise"), limit=100).records
+    materialized_at = instance.get_latest_materialization_event(AssetKey("lora_high_noise")).timestamp
+    progress = [o for o in observations if o.asset_observation.metadata["kind"].value == "progress"]
+    transitions = [o for o in observations if o.asset_observation.metadata["kind"].value == "transition"]
+    assert len(progress) >= 10 and len(transitions) == 1
+    assert all(o.timestamp < materialized_at for o in observations)
+    assert {"loss_ema_50", "gradient_stability_avg", "phase", "conv_alpha", "eta_s"} <= set(
+        progress[-1].asset_observation.metadata
+    )
+    checks = instance.event_log_storage.get_event_records(
+        EventRecordsFilter(event_type=DagsterEventType.ASSET_CHECK_EVALUATION), limit=20
+    )
+    names = {r.event_log_entry.dagster_event.event_specific_data.check_name for r in checks}
+    assert {"training_loss_finite", "beats_base_model"} <= names
+
+
+def test_evaluation_is_deterministic_and_has_a_contact_sheet(graph) -> None:
+    instance, _, all_resources, _ = graph
+    first = _materialization(instance, "evaluated_checkpoints").metadata
+    with Image.open(first["contact_sheet"].value) as sheet:
+        assert sheet.format == "PNG"
+    assert first["best_step"].value == 300 and first["best_val_loss"].value < first["base_val_loss"].value
+    again = materialize([evaluated_checkpoints], resources=all_resources, instance=instance)
+    second = again.asset_materializations_for_node("evaluated_checkpoints")[0].metadata
+    assert [r.data for r in second["checkpoints"].value.records] == [
+        r.data for r in first["checkpoints"].value.records
+    ]
+
+
+def test_training_metrics_idempotent_and_readme_sql_runs(graph) -> None:
+    instance, project, all_resources, _ = graph
+    database = project.root().database
+    tables = ("runs", "metrics", "phase_transitions", "checkpoints", "evaluations")
+    before = {t: query(database, f"SELECT count(*) FROM {t}")[1][0][0] for t in tables}
+    assert before["metrics"] == 300 and before["phase_transitions"] == 2 and before["evaluations"] > 0
+    from wan_assets.assets.metrics import training_metrics
+
+    assert materialize([training_metrics], resources=all_resources, instance=instance).success
+    after = {t: query(database, f"SELECT count(*) FROM {t}")[1][0][0] for t in tables}
+    assert after == before
+    # Every SQL example in the README runs against the demo's database, through the CLI.
+    readme = (REPO / "README.md").read_text()
+    examples = [s for s in re.findall(r'wan-assets sql "(.+?)"', readme) if "..." not in s]
+    assert len(examples) >= 4
+    for sql in examples:
+        out = subprocess.run(
+            [sys.executable, "-m", "wan_assets.cli", "sql", sql, "--workdir", str(project.root().root)],
+            capture_output=True,
+            text=True,
+        )
+        assert out.returncode == 0, f"{sql}\n{out.stderr}"
