@@ -44,7 +44,13 @@ def test_seed_example_loads_with_inert_keys_in_one_warning(workdir: Path) -> Non
     assert job.process.train.switch_boundary_every == 100
     assert job.process.datasets[0].folder_path == (workdir / "clips").resolve()
     assert len(loaded.warnings) == 1
-    for key in ("network.conv", "model.quantize_te", "model.qtype_te", "train.ema_config", "sample.walk_seed"):
+    for key in (
+        "network.conv",
+        "model.quantize_te",
+        "model.qtype_te",
+        "train.ema_config",
+        "sample.walk_seed",
+    ):
         assert key in loaded.warnings[0]
 
 
