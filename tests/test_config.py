@@ -159,3 +159,17 @@ def test_check_command_fails_with_one_line(tmp_path, workdir, capsys) -> None:
     assert main(["check", str(bad), "--workdir", str(workdir)]) == 1
     err = capsys.readouterr().err.strip()
     assert err == f"error: {bad}: network.lineer: unknown key; did you mean linear?"
+
+
+def test_full_disk_is_one_clear_message(workdir, capsys, monkeypatch) -> None:
+    import errno
+
+    import wan_assets.cli as cli
+
+    def full(_args):
+        raise OSError(errno.ENOSPC, "No space left on device", str(workdir / "cache" / "x.safetensors"))
+
+    monkeypatch.setattr(cli, "cmd_check", full)  # _parser() binds the command when main() runs
+    assert cli.main(["check", str(SEED), "--workdir", str(workdir)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: disk full while writing ") and "x.safetensors" in err
