@@ -23,17 +23,30 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 class TrainingLauncher(ConfigurableResource):
     """Runs the training engine out of process, so a crash or OOM never takes the Dagster worker
-    down and the very same `wan-assets train` runs from a shell. `python` defaults to this one."""
+    down and the very same `wan-assets train` runs from a shell. `python` defaults to this one.
+
+    `nproc_per_node` > 1 starts it under torchrun (data parallel, one process per GPU; rank 0 alone
+    writes files and talks to Dagster)."""
 
     python: str = sys.executable
+    nproc_per_node: int = 1
     poll_seconds: float = 0.5
 
     def command(self, config_path: str, workdir: str, experts: tuple[str, ...]) -> list[str]:
         which = "both" if set(experts) == set(EXPERTS) else experts[0]
-        return [
-            self.python, "-m", "wan_assets.cli", "train", config_path, "--workdir", workdir,
+        train = [
+            "-m", "wan_assets.cli", "train", config_path, "--workdir", workdir,
             "--experts", which, "--resume", "--restart-on-new-data",
         ]  # fmt: skip
+        if self.nproc_per_node > 1:
+            torchrun = [
+                "-m",
+                "torch.distributed.run",
+                "--standalone",
+                f"--nproc-per-node={self.nproc_per_node}",
+            ]
+            return [self.python, *torchrun, *train]
+        return [self.python, *train]
 
     def run(
         self,

@@ -1,12 +1,15 @@
 """Where the project's files live and which job config the graph runs: swapped per environment."""
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import cached_property
 
 from dagster import ConfigurableResource
 
-from wan_assets.core.cache import ClipSource, EncoderHandle, discover_clips, pick_device
+from wan_assets.core.cache import ClipSource, EncoderHandle, discover_clips
 from wan_assets.core.config import JobConfig, load_config
+from wan_assets.core.devices import claim_device, pick_device
 from wan_assets.core.workdir import TINY_CONFIG, Workdir
 
 
@@ -50,6 +53,9 @@ class WanProjectResource(ConfigurableResource):
     def torch_device(self):
         return pick_device(self.device)
 
-    def encoder(self) -> EncoderHandle:
+    @contextmanager
+    def encoder(self) -> Iterator[EncoderHandle]:
+        """Encoders on a GPU this step holds alone (one per GPU across concurrent steps)."""
         model_path = self._workdir.ensure_model(self.job().process.model.name_or_path)
-        return EncoderHandle.create(model_path, self.device)
+        with claim_device(self._workdir.root / "locks", self.device) as device:
+            yield EncoderHandle.create(model_path, str(device))

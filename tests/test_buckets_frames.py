@@ -124,3 +124,34 @@ def test_captions(tmp_path: Path) -> None:
     assert read_caption(tmp_path / "d.mp4", ".txt", trigger=None, default=None) == ""
     with pytest.raises(CaptionError, match="caption is empty"):
         require_caption("", tmp_path / "d.mp4", ".txt")
+
+
+def test_concurrent_steps_claim_different_gpus(tmp_path: Path, monkeypatch) -> None:
+    import threading
+    import time
+
+    import torch
+
+    from wan_assets.core.devices import claim_device
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    held: list = []
+    release = threading.Event()
+
+    def step() -> None:
+        with claim_device(tmp_path, poll_s=0.01) as device:
+            held.append(str(device))
+            release.wait(5)
+
+    threads = [threading.Thread(target=step) for _ in range(3)]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 5
+    while len(held) < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.2)
+    assert sorted(held) == ["cuda:0", "cuda:1"], "two steps, two GPUs; the third waits"
+    release.set()
+    for t in threads:
+        t.join(5)
+    assert len(held) == 3 and held[2] in ("cuda:0", "cuda:1")

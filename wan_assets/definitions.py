@@ -1,5 +1,7 @@
 """The Dagster code location `wan_assets` (workspace.yaml points here)."""
 
+import os
+
 from dagster import Definitions
 
 from resources.launcher import TrainingLauncher
@@ -14,7 +16,9 @@ ASSETS = [raw_videos, captions, latents, latent_cache, lora_training, evaluated_
 
 
 def resources() -> dict:
-    return {"project": WanProjectResource(), "launcher": TrainingLauncher()}
+    # WAN_ASSETS_TRAIN_PROCS > 1 trains data parallel under torchrun, one process per GPU.
+    procs = int(os.environ.get("WAN_ASSETS_TRAIN_PROCS", "1"))
+    return {"project": WanProjectResource(), "launcher": TrainingLauncher(nproc_per_node=procs)}
 
 
 defs = Definitions(

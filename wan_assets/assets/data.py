@@ -113,18 +113,18 @@ def latents(
     """VAE latents of the sampled frames (normalised), the I2V condition (mask + first-frame latent)
     and UMT5 embeddings of the caption and the empty caption, in content-addressed safetensors.
     Unchanged inputs find their files and encode nothing; the data version stays the same."""
-    encoder = project.encoder()
-    try:
-        record = encode_clip(
-            project.source(context.partition_key),
-            ClipProbe(**raw_videos),
-            captions,
-            project.job(),
-            encoder,
-            project.root().cache,
-        )
-    except CLIP_ERRORS as exc:
-        raise _clip_failure(context, exc) from None
+    with project.encoder() as encoder:
+        try:
+            record = encode_clip(
+                project.source(context.partition_key),
+                ClipProbe(**raw_videos),
+                captions,
+                project.job(),
+                encoder,
+                project.root().cache,
+            )
+        except CLIP_ERRORS as exc:
+            raise _clip_failure(context, exc) from None
     if record.warning:
         context.log.warning(f"{record.path}: {record.warning}")
     return Output(

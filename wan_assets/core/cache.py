@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 from wan_assets.core.buckets import Bucket, BucketError, choose_bucket, pixel_budget
 from wan_assets.core.captions import CaptionError, read_caption, require_caption
 from wan_assets.core.config import DatasetConfig, JobConfig
+from wan_assets.core.devices import pick_device
 from wan_assets.core.files import write_json, write_safetensors
 from wan_assets.core.frames import FrameSampling, FrameSamplingError, plan_frames
 from wan_assets.core.latents import ClipEncoder, component_identity, content_key, frames_to_bucket
@@ -194,12 +195,6 @@ class EncoderHandle:
                 ids = {sub: f"{self.model_path}/{sub}" for sub in ("vae", "text_encoder", "tokenizer")}
             self._identity = {**ids, "vae_dtype": str(self.vae_dtype), "text_dtype": str(self.text_dtype)}
         return self._identity
-
-
-def pick_device(name: str = "auto") -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def bucket_for(probe: ClipProbe, dataset: DatasetConfig) -> Bucket:

@@ -17,6 +17,7 @@ from PIL import Image, ImageDraw
 from wan_assets.core.batches import derive_seed
 from wan_assets.core.cache import LatentIndex, index_path, load_index
 from wan_assets.core.config import JobConfig, SampleConfig
+from wan_assets.core.devices import pick_device
 from wan_assets.core.evaluate import validation_loss
 from wan_assets.core.experts import timestep_window
 from wan_assets.core.files import atomic_output, write_json
@@ -24,7 +25,7 @@ from wan_assets.core.lora import add_lora, load_lora_into
 from wan_assets.core.model import load_wan_model
 from wan_assets.core.run_files import RunFiles
 from wan_assets.core.sampling import generate, sampling_pipeline
-from wan_assets.core.train import DTYPES, pick_device
+from wan_assets.core.train import DTYPES
 from wan_assets.core.video_io import read_frames, write_video
 
 BASE = "base"
