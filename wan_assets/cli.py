@@ -64,24 +64,30 @@ def cmd_cache(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from wan_assets.core.distributed import init_from_env, shutdown
     from wan_assets.core.train import train
 
     workdir, job = _load(args)
     if args.experts is not None:
         job = with_experts(job, EXPERTS if args.experts == "both" else (args.experts,))
-    options = {"resume_run": args.resume, "restart_on_new_data": args.restart_on_new_data}
-    if os.environ.get("DAGSTER_PIPES_CONTEXT"):  # launched by the training asset
-        from wan_assets.pipes_reporter import pipes_reporter
+    dist = init_from_env()  # torchrun: one process per GPU
+    options = {"resume_run": args.resume, "restart_on_new_data": args.restart_on_new_data, "dist": dist}
+    try:
+        if os.environ.get("DAGSTER_PIPES_CONTEXT") and dist.is_main:  # launched by the training asset
+            from wan_assets.pipes_reporter import pipes_reporter
 
-        with pipes_reporter(job) as reporter:
-            train(job, workdir.cache, reporter=reporter, **options)
-        return 0
-    result = train(job, workdir.cache, **options)
-    print(f"run {result.run_id}: {result.steps} steps in {result.seconds:.1f}s, files in {result.files.root}")
-    for transition in result.transitions:
+            with pipes_reporter(job) as reporter:
+                train(job, workdir.cache, reporter=reporter, **options)
+            return 0
+        result = train(job, workdir.cache, **options)
+    finally:
+        shutdown(dist)
+    if dist.is_main:
         print(
-            f"  {transition.expert}: {transition.from_phase} -> {transition.to_phase} at step {transition.step}"
+            f"run {result.run_id}: {result.steps} steps in {result.seconds:.1f}s, files in {result.files.root}"
         )
+        for t in result.transitions:
+            print(f"  {t.expert}: {t.from_phase} -> {t.to_phase} at step {t.step}")
     return 0
 
 

@@ -65,6 +65,14 @@ class Dist:
         """True on every rank if it is true on any (a non-finite loss or OOM skips the step everywhere)."""
         return self.sum_scalar(1.0 if flag else 0.0) > 0 if self.enabled else flag
 
+    def broadcast_str(self, value: str) -> str:
+        """Rank 0's `value` on every rank."""
+        if not self.enabled:
+            return value
+        holder = [value]
+        dist.broadcast_object_list(holder, src=0)
+        return holder[0]
+
     def barrier(self) -> None:
         if self.enabled:
             dist.barrier()

@@ -63,5 +63,10 @@ def noisy_input(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> tuple
     return (1 - s) * x0 + s * noise, noise - x0
 
 
+def per_sample_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """[B] mean squared error of each sample over all its latent elements (fp32)."""
+    return (pred.float() - target.float()).pow(2).flatten(1).mean(dim=1)
+
+
 def flow_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    return torch.nn.functional.mse_loss(pred.float(), target.float())
+    return per_sample_loss(pred, target).mean()

@@ -65,3 +65,25 @@ class ConsoleReporter:
 
     def log(self, message: str) -> None:
         (self._bar.write if self._bar is not None else print)(message, file=sys.stderr)
+
+
+class QuietReporter:
+    """For ranks other than 0 under torchrun: rank 0 alone reports."""
+
+    def on_start(self, job: JobConfig, run_id: str, step: int, total: int) -> None:
+        pass
+
+    def on_step(self, record: dict) -> None:
+        pass
+
+    def on_transition(self, transition: Transition) -> None:
+        pass
+
+    def on_checkpoint(self, step: int, files: list[Path]) -> None:
+        pass
+
+    def on_end(self, result: TrainResult) -> None:
+        pass
+
+    def log(self, message: str) -> None:
+        pass

@@ -24,15 +24,18 @@ from wan_assets.core.alpha_schedule import AlphaScheduler, Transition
 from wan_assets.core.batches import Batch, BatchStream, derive_seed
 from wan_assets.core.cache import index_path, load_index
 from wan_assets.core.config import JobConfig, dump_config
+from wan_assets.core.devices import pick_device
+from wan_assets.core.distributed import Dist
 from wan_assets.core.errors import TrainingError
 from wan_assets.core.experts import timestep_window
 from wan_assets.core.files import write_text
-from wan_assets.core.flow import flow_loss, noisy_input, sample_timesteps
+from wan_assets.core.flow import noisy_input, per_sample_loss, sample_timesteps
 from wan_assets.core.lora import add_lora, save_lora, set_lora_scale
 from wan_assets.core.metrics_log import MetricsLog, truncate
 from wan_assets.core.model import WanComponents, load_wan_model
 from wan_assets.core.optim import GradientStability, build_optimizer, clip_grad_norm, group_lr
-from wan_assets.core.reporting import ConsoleReporter, Reporter
+from wan_assets.core.perf import apply_training_options
+from wan_assets.core.reporting import ConsoleReporter, QuietReporter, Reporter
 from wan_assets.core.run_files import RunFiles, load_state, save_state
 
 MAX_CONSECUTIVE_OOM = 3
@@ -53,9 +56,9 @@ class TrainParts:
     device: torch.device
     compute_dtype: torch.dtype
     index_hash: str  # the latent index trained on: a checkpoint resumes only on the same data
-    sampling_extras: WanComponents | None = (
-        None  # VAE, text encoder, untrained expert; loaded on first sample
-    )
+    dist: Dist = field(default_factory=Dist)
+    # VAE, text encoder and untrained expert, loaded on the first sample.
+    sampling_extras: WanComponents | None = None
 
     @property
     def experts(self) -> tuple[str, ...]:
@@ -97,15 +100,14 @@ def expert_at(step: int, experts: tuple[str, ...], switch_every: int) -> str:
     return experts[(step // switch_every) % len(experts)]
 
 
-def pick_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
 # --- building ---------------------------------------------------------------------------------------
 
 
-def build_parts(job: JobConfig, cache_dir: Path, device: torch.device | None = None) -> TrainParts:
-    device = device or pick_device()
+def build_parts(
+    job: JobConfig, cache_dir: Path, device: torch.device | None = None, dist: Dist | None = None
+) -> TrainParts:
+    dist = dist or Dist()
+    device = device or (dist.device() if dist.enabled else pick_device())
     train = job.process.train
     compute_dtype = DTYPES[train.dtype]
     if device.type == "cpu" and compute_dtype == torch.float16:
@@ -118,7 +120,8 @@ def build_parts(job: JobConfig, cache_dir: Path, device: torch.device | None = N
     model = load_wan_model(
         job.process.model.name_or_path,
         dtype=compute_dtype,
-        device="cpu" if _offload(job) else device,
+        # A quantized expert is loaded in RAM and moves to the device block by block, quantized.
+        device="cpu" if _offload(job) or job.process.model.quantize else device,
         attention_backend=train.attention_backend,
         training=True,
         load_experts=job.experts,
@@ -133,8 +136,7 @@ def build_parts(job: JobConfig, cache_dir: Path, device: torch.device | None = N
         )
         for p in params[expert]:
             p.data = p.data.float()  # fp32 master weights for the adapter, whatever the base dtype
-        if train.gradient_checkpointing:
-            transformer.enable_gradient_checkpointing()
+        apply_training_options(transformer, train, job.process.model, device)
         transformer.train()
     scheduler = AlphaScheduler(job.process.network, job.experts)
     for expert in job.experts:
@@ -142,7 +144,7 @@ def build_parts(job: JobConfig, cache_dir: Path, device: torch.device | None = N
     index_hash = hashlib.sha256(index_file.read_bytes()).hexdigest()[:16]
     stream = BatchStream(
         load_index(index_file),
-        batch_size=train.batch_size,
+        batch_size=train.batch_size * dist.world_size,  # batch_size is per process, as in ai-toolkit
         seed=train.seed,
         caption_dropout=max(d.caption_dropout_rate for d in job.process.datasets),
     )
@@ -158,6 +160,7 @@ def build_parts(job: JobConfig, cache_dir: Path, device: torch.device | None = N
         device=device,
         compute_dtype=compute_dtype,
         index_hash=index_hash,
+        dist=dist,
     )
 
 
@@ -179,52 +182,70 @@ def activate(parts: TrainParts, expert: str) -> None:
 
 
 def forward_loss(
-    parts: TrainParts, expert: str, batch: Batch, generator: torch.Generator
+    parts: TrainParts, expert: str, batch: Batch, step: int, micro: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Flow-matching loss of one micro-batch for one expert; returns (loss, timesteps)."""
+    """This process's share of one micro-batch's flow-matching loss, and its timesteps.
+
+    The loss is this rank's per-sample losses summed and divided by the global sample count, so
+    gradients summed over ranks equal those of the whole batch in one process. Timestep and noise
+    are drawn per sample from (seed, step, micro, sample index), independent of the rank layout.
+    """
     train = parts.job.process.train
     window = timestep_window(expert, parts.model.boundary_timestep)
-    t = sample_timesteps(
-        train.timestep_type, window, batch.latents.shape[0], generator, shift=train.timestep_shift
-    )
-    noise = torch.randn(batch.latents.shape, generator=generator)
-    x_t, target = noisy_input(batch.latents, noise, t)
+    count = batch.latents.shape[0]
+    shard = list(parts.dist.shard(count))
+    # A rank left without samples (short tail batch) runs sample 0 at weight 0, keeping collectives aligned.
+    index, weight = (shard, 1.0) if shard else ([0], 0.0)
+    timesteps, noises = [], []
+    for i in index:
+        generator = torch.Generator().manual_seed(derive_seed(train.seed, "noise", step, micro, i))
+        timesteps.append(
+            sample_timesteps(train.timestep_type, window, 1, generator, shift=train.timestep_shift)
+        )
+        noises.append(torch.randn(batch.latents.shape[1:], generator=generator))
+    t = torch.cat(timesteps)
+    x_t, target = noisy_input(batch.latents[index], torch.stack(noises), t)
     device, dtype = parts.device, parts.compute_dtype
-    hidden = torch.cat([x_t, batch.condition], dim=1).to(device, dtype)  # [B, 36, F', h, w]
+    hidden = torch.cat([x_t, batch.condition[index]], dim=1).to(device, dtype)  # [b, 36, F', h, w]
     with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
         pred = parts.model.expert(expert)(
             hidden_states=hidden,
             timestep=t.to(device),
-            encoder_hidden_states=batch.text.to(device, dtype),
+            encoder_hidden_states=batch.text[index].to(device, dtype),
             return_dict=False,
         )[0]
-    return flow_loss(pred, target.to(device)), t
+    return per_sample_loss(pred, target.to(device)).sum() * (weight / count), t
 
 
 def train_step(parts: TrainParts, state: TrainState, step: int) -> StepResult:
-    train = parts.job.process.train
+    train, dist = parts.job.process.train, parts.dist
     expert = expert_at(step, parts.experts, train.switch_boundary_every)
     parts.optimizer.zero_grad(set_to_none=True)
-    losses, timesteps, batch = [], [], None
-    try:
-        for micro in range(train.gradient_accumulation):
-            batch = parts.stream.batch(step * train.gradient_accumulation + micro)
-            torch.manual_seed(derive_seed(train.seed, "dropout", step, micro))  # LoRA dropout
-            generator = torch.Generator().manual_seed(derive_seed(train.seed, "noise", step, micro))
-            loss, t = forward_loss(parts, expert, batch, generator)
-            if not torch.isfinite(loss):
-                parts.optimizer.zero_grad(set_to_none=True)
-                return StepResult(expert, None, float(t.mean()), None, None, "nonfinite_loss", batch)
-            (loss / train.gradient_accumulation).backward()
-            losses.append(loss.item())
-            timesteps.append(t)
-    except torch.OutOfMemoryError:
-        return _out_of_memory(parts, state, step, expert, batch)
+    loss_sum, timesteps, batch = 0.0, [], None
+    for micro in range(train.gradient_accumulation):
+        batch = parts.stream.batch(step * train.gradient_accumulation + micro)
+        torch.manual_seed(derive_seed(train.seed, "dropout", step, micro, dist.rank))  # LoRA dropout
+        loss, oom = None, False
+        try:
+            loss, t = forward_loss(parts, expert, batch, step, micro)
+            if torch.isfinite(loss):
+                (loss / train.gradient_accumulation).backward()
+        except torch.OutOfMemoryError:
+            oom = True
+        # Every rank takes the same branch (these are collectives), so none waits forever.
+        if dist.any_flag(oom):
+            return _out_of_memory(parts, state, step, expert, batch)
+        if dist.any_flag(not bool(torch.isfinite(loss))):
+            parts.optimizer.zero_grad(set_to_none=True)
+            return StepResult(expert, None, float(t.mean()), None, None, "nonfinite_loss", batch)
+        loss_sum += dist.sum_scalar(loss.item())
+        timesteps.append(t)
     state.consecutive_oom = 0
+    dist.sum_grads(parts.params[expert])
     grad_norm = clip_grad_norm(parts.params[expert], train.max_grad_norm)
     stability = parts.stability.measure(expert, parts.params[expert])
     parts.optimizer.step()
-    loss = sum(losses) / len(losses)
+    loss = loss_sum / train.gradient_accumulation
     transition = parts.scheduler.record(step, expert, loss, stability)
     if transition is not None:
         set_lora_scale(parts.model.expert(expert), parts.scheduler.alpha(expert), expert)
@@ -344,7 +365,8 @@ def resume(parts: TrainParts, state: TrainState, *, restart_on_new_data: bool = 
     """
     steps = parts.files.complete_steps(parts.experts)
     if not steps:
-        truncate(parts.files.metrics, 0)  # killed before its first checkpoint: nothing to keep
+        if parts.dist.is_main:
+            truncate(parts.files.metrics, 0)  # killed before its first checkpoint: nothing to keep
         return False
     step = steps[-1]
     saved = load_state(parts.files.state(step))
@@ -352,9 +374,11 @@ def resume(parts: TrainParts, state: TrainState, *, restart_on_new_data: bool = 
     if problem is not None:
         if not restart_on_new_data:
             raise TrainingError(problem)
-        archive = parts.files.root.with_name(f"{parts.files.root.name}.{saved['run_id']}")
-        shutil.move(parts.files.root, archive)
-        parts.files.root.mkdir(parents=True)
+        if parts.dist.is_main:
+            archive = parts.files.root.with_name(f"{parts.files.root.name}.{saved['run_id']}")
+            shutil.move(parts.files.root, archive)
+            parts.files.root.mkdir(parents=True)
+        parts.dist.barrier()
         return False
     with torch.no_grad():
         for expert in parts.experts:
@@ -366,7 +390,8 @@ def resume(parts: TrainParts, state: TrainState, *, restart_on_new_data: bool = 
     for expert in parts.experts:
         set_lora_scale(parts.model.expert(expert), parts.scheduler.alpha(expert), expert)
     state.step, state.run_id = step, saved["run_id"]
-    truncate(parts.files.metrics, step)
+    if parts.dist.is_main:
+        truncate(parts.files.metrics, step)
     return True
 
 
@@ -411,24 +436,35 @@ def train(
     reporter: Reporter | None = None,
     device: torch.device | None = None,
     stop_after: int | None = None,
+    dist: Dist | None = None,
 ) -> TrainResult:
-    """Train the configured experts; `stop_after` ends early after that many steps (for tests)."""
-    reporter = reporter or ConsoleReporter()
-    parts = build_parts(job, cache_dir, device)
-    state = TrainState(run_id=uuid.uuid4().hex[:12])
+    """Train the configured experts; `stop_after` ends early after that many steps (for tests).
+
+    Under torchrun (`dist`), every rank trains its share of each batch; rank 0 alone writes files
+    and reports.
+    """
+    dist = dist or Dist()
+    reporter = (reporter or ConsoleReporter()) if dist.is_main else QuietReporter()
+    parts = build_parts(job, cache_dir, device, dist)
+    # Every rank agrees on the run id (rank 0's), so a resumed or fresh run is one run.
+    state = TrainState(run_id=dist.broadcast_str(uuid.uuid4().hex[:12]))
     files = parts.files
-    files.root.mkdir(parents=True, exist_ok=True)
+    if dist.is_main:
+        files.root.mkdir(parents=True, exist_ok=True)
+    dist.barrier()
     if resume_run and resume(parts, state, restart_on_new_data=restart_on_new_data):
         reporter.log(f"resumed {job.name} at step {state.step} (run {state.run_id})")
     elif files.complete_steps(parts.experts) or files.metrics.exists():
         raise TrainingError(
             f"{files.root} already holds a run named {job.name!r}; pass --resume to continue it or change config.name"
         )
-    write_text(files.config, dump_config(job))
+    dist.barrier()  # every rank has looked at the run folder before rank 0 writes to it
+    if dist.is_main:
+        write_text(files.config, dump_config(job))
     total = job.process.train.steps
     end = total if stop_after is None else min(total, stop_after)
     reporter.on_start(job, state.run_id, state.step, total)
-    log = MetricsLog(files.metrics)
+    log = MetricsLog(files.metrics) if dist.is_main else None
     result = TrainResult(run_id=state.run_id, steps=total, files=files)
     started = time.perf_counter()
     try:
@@ -436,16 +472,20 @@ def train(
             result.transitions += _one_step(parts, state, log, reporter)
             _maybe_checkpoint(parts, state, reporter, result, final=state.step == total)
     finally:
-        log.close()
-    if state.step == total:
+        if log is not None:
+            log.close()
+    if state.step == total and dist.is_main:
         result.final_loras = save_final(parts)
+    dist.barrier()
     result.seconds = time.perf_counter() - started
     result.transitions = parts.scheduler.transitions
     reporter.on_end(result)
     return result
 
 
-def _one_step(parts: TrainParts, state: TrainState, log: MetricsLog, reporter: Reporter) -> list[Transition]:
+def _one_step(
+    parts: TrainParts, state: TrainState, log: MetricsLog | None, reporter: Reporter
+) -> list[Transition]:
     step = state.step
     expert = expert_at(step, parts.experts, parts.job.process.train.switch_boundary_every)
     activate(parts, expert)
@@ -454,7 +494,8 @@ def _one_step(parts: TrainParts, state: TrainState, log: MetricsLog, reporter: R
     began = time.perf_counter()
     result = train_step(parts, state, step)
     record = metrics_record(parts, state, step, result, time.perf_counter() - began)
-    log.write(record)
+    if log is not None:
+        log.write(record)
     state.step += 1
     reporter.on_step(record)
     if result.skipped:
@@ -470,9 +511,16 @@ def _maybe_checkpoint(
 ) -> None:
     job = parts.job
     if final or state.step % job.process.save.save_every == 0:
-        reporter.on_checkpoint(state.step, save_checkpoint(parts, state))
+        if parts.dist.is_main:
+            reporter.on_checkpoint(state.step, save_checkpoint(parts, state))
+        parts.dist.barrier()  # no rank runs ahead of a checkpoint it might resume from
     sample = job.process.sample
-    if sample is not None and sample.all_prompts() and (final or state.step % sample.sample_every == 0):
+    if (
+        parts.dist.is_main
+        and sample is not None
+        and sample.all_prompts()
+        and (final or state.step % sample.sample_every == 0)
+    ):
         from wan_assets.core.sampling import write_training_samples
 
         result.samples += write_training_samples(parts, state.step)
