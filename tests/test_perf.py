@@ -1,0 +1,226 @@
+"""Speed and memory options (DESIGN 10) on CPU: each one gives the plain path's loss and gradients, or
+fails with one clear message when this device cannot run it."""
+
+from __future__ import annotations
+
+import copy
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import WanTransformer3DModel
+
+from wan_assets.core import perf
+from wan_assets.core.config import ModelConfig, NetworkConfig, TrainConfig, parse_config
+from wan_assets.core.lora import add_lora
+from wan_assets.core.memory_plan import GIB, MatmulPlanner
+from wan_assets.core.metrics_log import read_lines
+from wan_assets.core.quantize import Float8FrozenLinear
+from wan_assets.core.tiny_model import TINY_TRANSFORMER
+from wan_assets.core.train import train
+
+from .conftest import tiny_job_raw
+
+CPU = torch.device("cpu")
+MODEL = ModelConfig(name_or_path="tiny")
+
+
+@pytest.fixture(scope="module")
+def expert() -> WanTransformer3DModel:
+    """The tiny expert with a LoRA whose B is not zero, so the adapter shapes the loss."""
+    torch.manual_seed(0)
+    model = WanTransformer3DModel(**{**TINY_TRANSFORMER, "num_layers": 3}).eval()
+    model.requires_grad_(False)
+    params = add_lora(model, NetworkConfig(linear=4, linear_alpha=4), "high_noise", seed=1)
+    with torch.no_grad():
+        for p in params:
+            p.normal_(0, 0.05)
+    return model
+
+
+def inputs(dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(3)
+    return {
+        "hidden_states": torch.randn(1, 36, 3, 8, 8, generator=g).to(dtype),
+        "timestep": torch.tensor([700.0]),
+        "encoder_hidden_states": torch.randn(1, 16, TINY_TRANSFORMER["text_dim"], generator=g).to(dtype),
+    }
+
+
+def run(
+    expert: WanTransformer3DModel,
+    dtype: torch.dtype = torch.float32,
+    model_cfg: ModelConfig = MODEL,
+    setup: bool = True,
+    **options,
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Loss and LoRA gradients of one forward/backward of a copy of `expert` with `options`."""
+    model = copy.deepcopy(expert).to(dtype)
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:
+        p.data = p.data.float()
+    if setup:
+        perf.apply_training_options(model, TrainConfig(**options), model_cfg, CPU)
+    model.train()
+    batch = inputs(dtype)
+    target = torch.randn(1, 16, 3, 8, 8, generator=torch.Generator().manual_seed(4))
+    with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+        pred = model(**batch, return_dict=False)[0]
+    loss = torch.nn.functional.mse_loss(pred.float(), target)
+    loss.backward()
+    return loss.detach(), [p.grad.clone() for p in params]
+
+
+def assert_same(a: tuple, b: tuple, *, exact: bool = True) -> None:
+    (loss_a, grads_a), (loss_b, grads_b) = a, b
+    check = torch.equal if exact else lambda x, y: torch.allclose(x, y, rtol=1e-4, atol=1e-6)
+    assert check(loss_a, loss_b), (loss_a, loss_b)
+    assert all(g.abs().sum() > 0 for g in grads_a), "every LoRA weight should get a gradient"
+    for ga, gb in zip(grads_a, grads_b, strict=True):
+        assert check(ga, gb), (ga - gb).abs().max()
+
+
+def test_checkpointing_modes_match_the_plain_path(expert: WanTransformer3DModel) -> None:
+    plain = run(expert, gradient_checkpointing=False)
+    assert_same(run(expert, gradient_checkpointing=True), plain)
+    assert_same(run(expert, gradient_checkpointing="selective"), plain)
+    assert_same(run(expert, gradient_checkpointing=True, activation_offload=True), plain)
+
+
+def test_selective_policy_keeps_self_attention_only() -> None:
+    q = torch.zeros(1, 2, 48, 8)
+    keep, redo = (
+        torch.utils.checkpoint.CheckpointPolicy.MUST_SAVE,
+        torch.utils.checkpoint.CheckpointPolicy.PREFER_RECOMPUTE,
+    )
+    sdpa = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default
+    assert perf._save_attention(None, sdpa, q, q, q) == keep
+    assert perf._save_attention(None, sdpa, q, torch.zeros(1, 2, 16, 8), q) == redo  # cross-attention
+    assert perf._save_attention(None, torch.ops.aten.mm.default, q, q) == redo
+    assert perf._save_attention_and_matmuls(None, torch.ops.aten.mm.default, q, q) == keep
+
+
+def test_compiled_blocks_match_eager(expert: WanTransformer3DModel, monkeypatch: pytest.MonkeyPatch) -> None:
+    # aot_eager: dynamo capture, checkpoint HOP and AOT partitioning as inductor sees them, no codegen.
+    monkeypatch.setattr(perf, "COMPILE_BACKEND", "aot_eager")
+    torch._dynamo.reset()
+    plain = run(expert, gradient_checkpointing=False)
+    for mode in ("selective", True):
+        assert_same(run(expert, gradient_checkpointing=mode, compile=True), plain, exact=False)
+    torch._dynamo.reset()
+
+
+def test_lora_without_input_upcast_is_bit_identical(expert: WanTransformer3DModel) -> None:
+    # peft casts a bf16 input to the fp32 adapter's dtype; autocast casts it back before the matmul.
+    with_upcast = run(expert, torch.bfloat16, setup=False)
+    assert_same(run(expert, torch.bfloat16, gradient_checkpointing=False), with_upcast)
+
+
+@pytest.mark.parametrize("qtype", ["qint8", "qfloat8"])
+def test_weight_only_base_trains_close_to_bf16(expert: WanTransformer3DModel, qtype: str) -> None:
+    bf16_loss, bf16_grads = run(expert, torch.bfloat16, gradient_checkpointing=True)
+    model_cfg = ModelConfig(name_or_path="tiny", quantize=True, qtype=qtype)
+    loss, grads = run(expert, torch.bfloat16, model_cfg, gradient_checkpointing=True)
+    assert abs(loss - bf16_loss) / bf16_loss < 0.02
+    cos = torch.nn.functional.cosine_similarity(
+        torch.cat([g.flatten() for g in grads]), torch.cat([g.flatten() for g in bf16_grads]), dim=0
+    )
+    assert cos > 0.98
+
+
+def test_float8_frozen_linear_math() -> None:
+    # CPU has no fp8 matmul; the module emulates torch._scaled_mm there, so the math is checked here.
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(64, 32).requires_grad_(False)
+    fp8 = Float8FrozenLinear(linear, keep_transposed=False)
+    x = torch.randn(5, 7, 64, requires_grad=True)
+    y = fp8(x)
+    ref_x = x.detach().clone().requires_grad_(True)
+    ref = linear(ref_x)
+    assert y.dtype == torch.bfloat16 and y.shape == ref.shape
+    assert (y.float() - ref).norm() / ref.norm() < 0.05
+    grad = torch.randn_like(ref)
+    y.backward(grad)
+    ref.backward(grad)
+    assert (x.grad - ref_x.grad).norm() / ref_x.grad.norm() < 0.05
+    fp8_t = Float8FrozenLinear(linear, keep_transposed=True)
+    x2 = x.detach().clone().requires_grad_(True)
+    fp8_t(x2).backward(grad)
+    assert torch.equal(x2.grad, x.grad), "the stored transpose and the per-call one must agree"
+    assert not list(fp8.parameters()), "fp8 weights are frozen buffers, never trained"
+
+
+@pytest.mark.parametrize(
+    ("options", "model_cfg", "message"),
+    [
+        ({"fp8_compute": True}, MODEL, "train.fp8_compute needs an fp8-capable GPU (sm_89+); this is cpu"),
+        ({}, ModelConfig(name_or_path="t", quantize=True, qtype="uint4"), "needs a CUDA GPU"),
+        ({}, ModelConfig(name_or_path="t", quantize=True, qtype="nf5"), "model.qtype 'nf5' is not supported"),
+        (
+            {"activation_offload": True, "gradient_checkpointing": False},
+            MODEL,
+            "set train.gradient_checkpointing: true",
+        ),
+    ],
+)
+def test_options_this_device_cannot_run_fail_clearly(
+    expert: WanTransformer3DModel, options: dict, model_cfg: ModelConfig, message: str
+) -> None:
+    with pytest.raises(ValueError, match=re.escape(message)):
+        perf.apply_training_options(copy.deepcopy(expert), TrainConfig(**options), model_cfg, CPU)
+
+
+def test_compile_without_a_compiler_fails_clearly(
+    expert: WanTransformer3DModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(perf.shutil, "which", lambda _name: None)
+    monkeypatch.delenv("CXX", raising=False)
+    with pytest.raises(ValueError, match=re.escape("train.compile on CPU needs a C++ compiler")):
+        perf.apply_training_options(copy.deepcopy(expert), TrainConfig(compile=True), MODEL, CPU)
+
+
+def test_training_step_with_options_logs_the_plain_losses(
+    tmp_path: Path, tiny_cache: Path, clips_dir: Path, tiny_model_dir: Path
+) -> None:
+    """The production step (build_parts -> apply_training_options -> train_step) with each option."""
+
+    def losses(name: str, **options) -> list[float]:
+        raw = tiny_job_raw(clips_dir, tiny_model_dir, steps=4, switch_boundary_every=2, **options)
+        process = raw["config"]["process"][0]
+        process["training_folder"] = str(tmp_path / name)
+        process["sample"] = None
+        result = train(parse_config(raw, workdir=tiny_cache).job, tiny_cache / "cache")
+        return [line["loss"] for line in read_lines(result.files.metrics)]
+
+    plain = losses("plain", gradient_checkpointing=False)
+    assert losses("selective", gradient_checkpointing="selective") == plain
+    assert losses("offload", gradient_checkpointing=True, activation_offload=True) == plain
+
+
+def test_memory_planner_measures_then_fills_memory_and_backs_off() -> None:
+    """Step 1 keeps no matmuls, step 2 probes n/8 blocks, then as many as fit; a step whose backward
+    never finished (out of memory) halves the count for that token count."""
+    blocks = [torch.nn.Module() for _ in range(40)]
+    state = {"allocated": 30 * GIB, "peak": 30 * GIB}
+    planner = MatmulPlanner(blocks, CPU, memory=lambda: (state["allocated"], state["peak"], 80 * GIB))
+
+    def step(tokens: int, *, per_block: float, finish: bool = True) -> int:
+        count = planner.before_forward(tokens)
+        kept = 10 * GIB + count * per_block  # activations the forward keeps
+        state["allocated"] += kept
+        planner.after_forward()
+        state["peak"] = state["allocated"] + 5 * GIB  # the backward's working memory
+        state["allocated"] -= kept
+        if finish:
+            planner.backward_finished()
+        return count
+
+    assert step(1000, per_block=GIB) == 0
+    assert step(1000, per_block=GIB) == 5
+    # room = 80 - (2 + 3.2) margin - 30 allocated - 10 kept - 5 working = 29.8 GiB -> 29 blocks
+    assert step(1000, per_block=GIB) == 29
+    assert [b.wan_policy for b in blocks].count("matmuls") == 29
+    assert step(1000, per_block=GIB, finish=False) == 29  # runs out of memory
+    assert step(1000, per_block=GIB) == 14
+    assert step(2000, per_block=GIB) == 0, "another bucket is measured on its own"
