@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections import deque
 from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -26,6 +28,8 @@ from wan_assets.core.latents import ClipEncoder, component_identity, content_key
 from wan_assets.core.video_io import CLIP_EXTENSIONS, VideoError, probe_video, read_frames
 
 INDEX_VERSION = 1
+# Clips decoded ahead while the encoders work (each holds its bucketed frames in RAM).
+PREFETCH_CLIPS = 2
 # Errors that mean "this clip cannot be used" (its partition fails; the others go on).
 CLIP_ERRORS: tuple[type[Exception], ...] = (VideoError, CaptionError, FrameSamplingError, BucketError)
 _UNSAFE = re.compile(r"[^A-Za-z0-9._/\-]")
@@ -214,15 +218,30 @@ def sampling_for(dataset: DatasetConfig) -> FrameSampling:
     )
 
 
-def encode_clip(
+@dataclass(frozen=True)
+class PreparedClip:
+    """A clip's CPU work done: where each variant goes, and the bucketed frames still to encode."""
+
+    source: ClipSource
+    probe: ClipProbe
+    caption: str
+    bucket: Bucket
+    variants: tuple[VariantRecord, ...]
+    videos: dict[str, torch.Tensor]  # variant key -> [3, F, H, W] in [-1, 1], for uncached files only
+    warning: str | None
+    speedup: float
+
+
+def prepare_clip(
     source: ClipSource,
     probe: ClipProbe,
     caption: str,
     job: JobConfig,
     encoder: EncoderHandle,
     cache_dir: Path,
-) -> ClipRecord:
-    """Encode what is not cached yet for one clip; return its record."""
+) -> PreparedClip:
+    """Bucket, frame plans and decoded, bucketed frames of the variants not cached yet (CPU only,
+    safe in a worker thread: it never touches the models)."""
     dataset = job.process.datasets[source.dataset_index]
     caption = require_caption(caption, source.path, dataset.caption_ext)
     try:
@@ -234,7 +253,7 @@ def encode_clip(
     except (BucketError, FrameSamplingError) as exc:
         raise type(exc)(f"{source.path}: {exc}") from None
     identity = encoder.identity()
-    variants, warning, speedup = [], None, 1.0
+    variants, videos, warning, speedup = [], {}, None, 1.0
     for plan in plans:
         warning, speedup = warning or plan.warning, plan.speedup
         key = content_key(
@@ -245,26 +264,47 @@ def encode_clip(
             dtype=identity["vae_dtype"],
         )
         rel = f"latents/{key[:2]}/{key}.safetensors"
-        if not (cache_dir / rel).is_file():
-            video = frames_to_bucket(read_frames(source.path, plan.indices), bucket)
-            tensors = encoder.get().encode_video(video)
-            write_safetensors(cache_dir / rel, tensors, {"clip": source.key, "bucket": bucket.key})
+        if not (cache_dir / rel).is_file() and key not in videos:
+            videos[key] = frames_to_bucket(read_frames(source.path, plan.indices), bucket)
         variants.append(VariantRecord(key, rel, plan.indices))
-    text_key, text_rel = ensure_text(caption, encoder, cache_dir)
+    return PreparedClip(source, probe, caption, bucket, tuple(variants), videos, warning, speedup)
+
+
+def finish_clip(prepared: PreparedClip, encoder: EncoderHandle, cache_dir: Path) -> ClipRecord:
+    """The encoders' part: VAE latents of the decoded variants, text embeddings; the clip's record."""
+    source, bucket = prepared.source, prepared.bucket
+    for variant in prepared.variants:
+        video = prepared.videos.get(variant.key)
+        if video is not None and not (cache_dir / variant.file).is_file():
+            tensors = encoder.get().encode_video(video)
+            write_safetensors(cache_dir / variant.file, tensors, {"clip": source.key, "bucket": bucket.key})
+    text_key, text_rel = ensure_text(prepared.caption, encoder, cache_dir)
     _, empty_rel = ensure_text("", encoder, cache_dir)
     return ClipRecord(
         key=source.key,
         path=str(source.path),
-        sha256=probe.sha256,
-        caption=caption,
+        sha256=prepared.probe.sha256,
+        caption=prepared.caption,
         bucket=bucket.key,
-        variants=tuple(variants),
+        variants=prepared.variants,
         text_key=text_key,
         text_file=text_rel,
         empty_text_file=empty_rel,
-        speedup=round(speedup, 3),
-        warning=warning,
+        speedup=round(prepared.speedup, 3),
+        warning=prepared.warning,
     )
+
+
+def encode_clip(
+    source: ClipSource,
+    probe: ClipProbe,
+    caption: str,
+    job: JobConfig,
+    encoder: EncoderHandle,
+    cache_dir: Path,
+) -> ClipRecord:
+    """Encode what is not cached yet for one clip; return its record."""
+    return finish_clip(prepare_clip(source, probe, caption, job, encoder, cache_dir), encoder, cache_dir)
 
 
 def ensure_text(caption: str, encoder: EncoderHandle, cache_dir: Path) -> tuple[str, str]:
@@ -378,19 +418,48 @@ class CacheReport:
 
 
 def cache_dataset(
-    job: JobConfig, cache_dir: Path, encoder: EncoderHandle, progress: Callable[[Iterable], Iterable] = iter
+    job: JobConfig,
+    cache_dir: Path,
+    encoder: EncoderHandle,
+    progress: Callable[[Iterable], Iterable] = iter,
+    *,
+    prefetch: int = PREFETCH_CLIPS,
 ) -> CacheReport:
-    """Process every clip; failures are collected, never raised, so one bad clip stops nothing."""
+    """Process every clip; failures are collected, never raised, so one bad clip stops nothing.
+
+    While the encoders work on one clip, `prefetch` worker threads probe, read and bucket the next
+    clips' frames (PyAV and torch release the GIL there), so decoding stays off the critical path.
+    Clips are encoded and reported in the same order as without prefetching: same files, same index.
+    """
     records, failures, warnings = [], {}, {}
-    for source in progress(discover_clips(job)):
-        try:
-            probe = probe_clip(source)
-            caption = caption_clip(source, job)
-            record = encode_clip(source, probe, caption, job, encoder, cache_dir)
-        except CLIP_ERRORS as exc:
-            failures[str(source.path)] = str(exc)
-            continue
-        records.append(record)
-        if record.warning:
-            warnings[str(source.path)] = record.warning
+    clips = iter(progress(discover_clips(job)))
+    with ThreadPoolExecutor(max_workers=max(prefetch, 1), thread_name_prefix="decode") as pool:
+        pending: deque[tuple[ClipSource, Future]] = deque()
+
+        def submit_next() -> None:
+            source = next(clips, None)
+            if source is not None:
+                pending.append((source, pool.submit(_prepare, source, job, encoder, cache_dir)))
+
+        for _ in range(max(prefetch, 1)):
+            submit_next()
+        while pending:
+            source, future = pending.popleft()
+            if prefetch > 0:
+                submit_next()
+            try:
+                record = finish_clip(future.result(), encoder, cache_dir)
+            except CLIP_ERRORS as exc:
+                failures[str(source.path)] = str(exc)
+            else:
+                records.append(record)
+                if record.warning:
+                    warnings[str(source.path)] = record.warning
+            if prefetch == 0:
+                submit_next()
     return CacheReport(build_index(job, records, cache_dir), failures, warnings)
+
+
+def _prepare(source: ClipSource, job: JobConfig, encoder: EncoderHandle, cache_dir: Path) -> PreparedClip:
+    probe = probe_clip(source)
+    return prepare_clip(source, probe, caption_clip(source, job), job, encoder, cache_dir)

@@ -5,7 +5,7 @@ matmul outputs its backward reads (then only pointwise ops are recomputed), whic
 proportion to the tokens. How much, and how much the backward needs on top, depends on the
 compiler's choices, so it is measured rather than guessed, separately for each token count:
   step 1  no block keeps matmuls: activations kept after the forward, and the step's peak;
-  step 2  a probe of n/8 blocks: the extra bytes per block;
+  step 2  one block keeps them, if twice a generous guess of its cost fits: its extra bytes;
   then    as many blocks as fit under the device's memory with a margin.
 A step that does not finish its backward (out of memory: the training step skips the batch) halves
 the count for that token count from then on. Numbers come from the CUDA caching allocator; the
@@ -38,11 +38,15 @@ class MatmulPlanner:
         blocks: list[torch.nn.Module],
         device: torch.device,
         *,
+        guess_per_token: int,
         memory: Callable[[], tuple[int, int, int]] | None = None,
     ) -> None:
-        """`memory()` -> (allocated, peak allocated, capacity); the CUDA allocator's by default."""
+        """`guess_per_token`: a generous guess of the bytes per token one block adds by keeping its
+        matmul outputs (only to decide whether a probe is safe); `memory()` -> (allocated, peak
+        allocated, capacity), the CUDA allocator's by default."""
         self.blocks = blocks
         self.device = device
+        self.guess_per_token = guess_per_token
         self.memory = memory or self._cuda_memory
         self.shapes: dict[int, _Shape] = {}
         self._step: tuple[_Shape, int, int] | None = None  # shape, count, allocated before forward
@@ -63,7 +67,7 @@ class MatmulPlanner:
         allocated, peak, capacity = self.memory()
         self._learn(peak)
         shape = self.shapes.setdefault(tokens, _Shape())
-        count = self._choose(shape, allocated, capacity)
+        count = self._choose(shape, tokens, allocated, capacity)
         for i, block in enumerate(self.blocks):
             block.wan_policy = "matmuls" if i < count else "attention"
         self._step, self._after, self._finished = (shape, count, allocated), None, False
@@ -80,7 +84,8 @@ class MatmulPlanner:
             return
         shape, count, before = self._step
         if not self._finished or self._after is None:
-            shape.limit = count // 2  # out of memory (or interrupted): never try this many again
+            if count > 0:  # out of memory (or a skipped step): never try this many again
+                shape.limit = count // 2
             return
         kept = self._after - before
         shape.working = max(shape.working, peak - self._after)
@@ -89,12 +94,12 @@ class MatmulPlanner:
         elif shape.kept_plain is not None:
             shape.per_block = max(kept - shape.kept_plain, 1) / count
 
-    def _choose(self, shape: _Shape, allocated: int, capacity: int) -> int:
+    def _choose(self, shape: _Shape, tokens: int, allocated: int, capacity: int) -> int:
         limit = len(self.blocks) if shape.limit is None else shape.limit
         if shape.kept_plain is None or limit == 0:
             return 0
-        if shape.per_block is None:
-            return min(max(1, len(self.blocks) // 8), limit)
         margin = 2 * GIB + capacity // 25  # fragmentation and what the measurement missed
         room = capacity - margin - allocated - shape.kept_plain - shape.working
+        if shape.per_block is None:  # probe one block, and only where even a bad guess fits
+            return 1 if room > 2 * self.guess_per_token * tokens else 0
         return max(0, min(limit, int(room // shape.per_block)))

@@ -4,22 +4,25 @@
 - LoRA: peft up-casts each adapted linear's input to the adapter's fp32 before the adapter runs;
   under autocast the adapter matmul casts it straight back to bf16, so the up-cast only costs a
   full-size copy per linear. It is switched off (bit-identical results under autocast).
-- frozen base linears: fp8 compute (`train.fp8_compute`, Float8FrozenLinear) and/or weight-only
-  storage (`model.quantize`: fp8, int8, int4), quantized block by block on the device.
+- frozen base linears: fp8 compute (`train.fp8_compute`, Float8FrozenLinear; it pays under compile,
+  where the quantization fuses) and/or weight-only storage (`model.quantize`: fp8 or int8; torchao's
+  int4 has no backward), quantized block by block on the device.
 - activations, per transformer block (`train.gradient_checkpointing`): false keeps all; true
   recomputes the whole block in backward; "selective" keeps the self-attention output (the
   costliest op to recompute, one token x dim tensor) and, under compile on a GPU, also the matmul
   outputs backward reads in as many blocks as memory allows (measured: memory_plan.py),
-  recomputing the rest. `train.activation_offload` keeps each
-  block's input in pinned CPU memory (copied on a side stream) and recomputes the block from it.
+  recomputing the rest. `train.activation_offload` keeps each block's input in pinned CPU memory
+  (copied on a side stream) and recomputes the block from it (offload.py).
 - `train.compile`: each block compiled on its own (regional: one graph reused by all 40 blocks),
-  static shapes, one compile per bucket shape.
+  static shapes, one compile per bucket shape (and per LoRA scale: an alpha phase change
+  recompiles once).
 Options a device cannot run raise one ValueError naming the option and the device.
 """
 
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import shutil
 from dataclasses import dataclass
@@ -33,6 +36,7 @@ from wan_assets.core.config import ModelConfig, TrainConfig
 from wan_assets.core.memory_plan import MatmulPlanner
 from wan_assets.core.offload import ActivationOffloader, offloaded_block
 
+logger = logging.getLogger(__name__)
 COMPILE_BACKEND = "inductor"  # tests use "aot_eager": the same graph capture, no code generation
 RECOMPILE_LIMIT = 64  # bucket shapes x alpha values (the LoRA scale is a compile-time constant)
 
@@ -44,7 +48,7 @@ class AppliedOptions:
     checkpointing: str  # none | full | selective | offload
     compiled: bool
     fp8_linears: int
-    weight_only: str | None  # fp8 | int8 | int4 when the base is stored quantized
+    weight_only: str | None  # fp8 | int8 when the base is stored quantized
 
 
 def apply_training_options(
@@ -72,7 +76,11 @@ def apply_training_options(
     # never reads) and is measured with the CUDA allocator.
     planner = None
     if mode == "selective" and train.compile and device.type == "cuda":
-        planner = MatmulPlanner(list(transformer.blocks), device)
+        config = transformer.config
+        dim = config.num_attention_heads * config.attention_head_dim
+        # bf16 bytes of q, k, v, o, the cross-attention q and o, and the FFN hidden twice.
+        guess = 2 * (6 * dim + 2 * config.ffn_dim)
+        planner = MatmulPlanner(list(transformer.blocks), device, guess_per_token=guess)
     hook = functools.partial(_before_forward, offloader=offloader, planner=planner)
     hooks = [transformer.register_forward_pre_hook(hook, with_kwargs=True)]
     if planner is not None:
@@ -81,10 +89,12 @@ def apply_training_options(
         first = functools.partial(_first_block_input_needs_grad, planner=planner)
         hooks.append(transformer.patch_embedding.register_forward_hook(first))
     transformer._wan_perf_hooks = hooks
-    weight_only = kind if model_cfg.quantize and not train.fp8_compute else None
-    if model_cfg.quantize and train.fp8_compute:
-        weight_only = "fp8"
-    return AppliedOptions(mode, train.compile, fp8_linears, weight_only)
+    if train.fp8_compute and not train.compile:
+        logger.warning(
+            "train.fp8_compute without train.compile: the fp8 casts run as separate kernels and cost "
+            "more than the fp8 matmuls save; turn compile on"
+        )
+    return AppliedOptions(mode, train.compile, fp8_linears, kind)
 
 
 def clear_training_options(transformer: torch.nn.Module) -> None:

@@ -6,8 +6,9 @@ The base weights of a LoRA run never change, so they are quantized once, here, n
   ever computed and no activation is saved for it. torchao's `convert_to_float8_training` targets
   trained weights: it re-quantizes the weight on every call and computes a weight gradient in
   backward even when the weight is frozen, a third GEMM that a LoRA run throws away.
-- weight-only int8 / fp8 / int4 through torchao `quantize_` (memory mode without fp8 compute): the
-  weight is dequantized for each matmul, which runs in the compute dtype.
+- weight-only int8 / fp8 through torchao `quantize_` (memory mode without fp8 compute): the weight
+  is dequantized for each matmul, which runs in the compute dtype. torchao's int4 (tinygemm) has no
+  backward pass, so it cannot train a LoRA (perf.check_options refuses it).
 LoRA adapters (peft `lora_A` / `lora_B`) are never touched: they train in their own dtype.
 """
 
