@@ -1,0 +1,596 @@
+"""One A14B expert's training step: plain diffusers + peft against this project's step (DESIGN 10).
+
+Builds a real-size Wan 2.2 I2V-A14B expert with random weights directly on the GPU (no download),
+adds a rank-64 LoRA on the block linears, and in this one process times, on identical batches and
+initial weights:
+  reference  plain diffusers + peft: full gradient checkpointing, bf16 autocast, SDPA, torch AdamW
+  speed      the production `train_step` with selective checkpointing + compiled blocks (bf16)
+  eager      selective checkpointing without compile (what compile adds)
+  memory     fp8 weight-only base (one e4m3 copy) + fp8 compute + activation offload + compile
+  fp8        speed + fp8 compute for the frozen base linears (a transposed e4m3 copy per weight)
+Per size and mode it prints s/step (median of the timed steps), peak GiB (max allocated during the
+timed steps), MFU (3 x forward FLOPs of matmuls and attention over the card's dense bf16 peak), the
+speed ratio against the reference, the first step's loss difference and the cosine between the
+first step's LoRA gradients and the reference's. Modes run in the order above: each changes the
+model in place (memory and fp8 quantize it).
+
+  python bench/train_step.py --mode-sizes "memory=512x512x81"   # the table (about 12 min, H100)
+  python bench/train_step.py --sizes 512x512x33 --layers 2       # smoke test
+See bench/README.md for the device-box command lines and the results so far.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from diffusers import UniPCMultistepScheduler, WanTransformer3DModel  # noqa: E402
+
+from wan_assets.core import perf  # noqa: E402
+from wan_assets.core.alpha_schedule import AlphaScheduler  # noqa: E402
+from wan_assets.core.batches import Batch, derive_seed  # noqa: E402
+from wan_assets.core.config import parse_config  # noqa: E402
+from wan_assets.core.experts import timestep_window  # noqa: E402
+from wan_assets.core.flow import flow_loss, noisy_input, sample_timesteps  # noqa: E402
+from wan_assets.core.lora import add_lora  # noqa: E402
+from wan_assets.core.model import WanComponents  # noqa: E402
+from wan_assets.core.optim import GradientStability, build_optimizer  # noqa: E402
+from wan_assets.core.run_files import RunFiles  # noqa: E402
+from wan_assets.core.train import TrainParts, TrainState, train_step  # noqa: E402
+
+A14B = {
+    "patch_size": (1, 2, 2),
+    "num_attention_heads": 40,
+    "attention_head_dim": 128,
+    "in_channels": 36,
+    "out_channels": 16,
+    "text_dim": 4096,
+    "freq_dim": 256,
+    "ffn_dim": 13824,
+    "num_layers": 40,
+    "cross_attn_norm": True,
+    "qk_norm": "rms_norm_across_heads",
+    "eps": 1e-6,
+    "image_dim": None,
+    "added_kv_proj_dim": None,
+    "rope_max_seq_len": 1024,
+}
+MODES = {
+    "reference": None,
+    "eager": {"train": {"gradient_checkpointing": "selective"}},  # no compile: what compile adds
+    "speed": {"train": {"gradient_checkpointing": "selective", "compile": True}},
+    "memory": {
+        "train": {
+            "gradient_checkpointing": True,
+            "activation_offload": True,
+            "compile": True,
+            "fp8_compute": True,
+        },
+        "model": {"quantize": True, "qtype": "qfloat8"},
+    },
+    "fp8": {"train": {"gradient_checkpointing": "selective", "compile": True, "fp8_compute": True}},
+}
+PEAK_BF16_FLOPS = {"H100": 989.4e12, "H200": 989.4e12}  # dense bf16 tensor-core peak (SXM datasheet)
+TEXT_TOKENS = 512
+RANK = 64
+EXPERT = "high_noise"
+BOUNDARY = 900.0
+
+
+@dataclass
+class Result:
+    size: str
+    tokens: int
+    mode: str
+    s_per_step: float | None = None
+    peak_gib: float | None = None
+    reserved_gib: float | None = None
+    mfu: float | None = None
+    ratio: float | None = None
+    loss: float | None = None
+    loss_diff: float | None = None
+    grad_cos: float | None = None
+    first_step_s: float | None = None
+    times: list[float] = field(default_factory=list)
+    note: str = ""
+
+
+# --- the model and the batch -----------------------------------------------------------------------
+
+
+def build_expert(layers: int, device: torch.device) -> WanTransformer3DModel:
+    """Random bf16 weights made on the GPU; fp32 where diffusers keeps them (as from_pretrained does)."""
+    torch.manual_seed(0)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device(device):
+            model = WanTransformer3DModel(**{**A14B, "num_layers": layers})
+    finally:
+        torch.set_default_dtype(default)
+    keep = WanTransformer3DModel._keep_in_fp32_modules
+    for name, module in model.named_modules():
+        if any(k in name.split(".") for k in keep):
+            module.float()
+    model.set_attention_backend("native")  # train.attention_backend "sdpa"
+    return model.requires_grad_(False).eval()
+
+
+def add_adapter(model: WanTransformer3DModel, job) -> list[torch.nn.Parameter]:
+    params = add_lora(model, job.process.network, EXPERT, seed=1)
+    g = torch.Generator(device=params[0].device).manual_seed(2)
+    with torch.no_grad():
+        for p in params:
+            p.data = p.data.float()
+            if p.abs().sum() == 0:  # lora_B starts at zero; give it weight so the adapter counts
+                p.normal_(0, 0.01, generator=g)
+    return params
+
+
+def make_batch(size: str) -> Batch:
+    height, width, frames = (int(v) for v in size.split("x"))
+    f_lat, h_lat, w_lat = (frames - 1) // 4 + 1, height // 8, width // 8
+    g = torch.Generator().manual_seed(7)
+    mask = torch.zeros(1, 4, f_lat, h_lat, w_lat)
+    mask[:, :, 0] = 1
+    return Batch(
+        bucket=size,
+        clip_keys=("random",),
+        epoch=0,
+        latents=torch.randn(1, 16, f_lat, h_lat, w_lat, generator=g),
+        condition=torch.cat([mask, torch.randn(1, 16, f_lat, h_lat, w_lat, generator=g)], dim=1),
+        text=torch.randn(1, TEXT_TOKENS, 4096, generator=g),
+        dropped=(False,),
+    )
+
+
+class FixedStream:
+    def __init__(self, batch: Batch) -> None:
+        self._batch = batch
+
+    def batch(self, _n: int) -> Batch:
+        return self._batch
+
+
+def bench_job(tmp: Path, mode: str):
+    raw = yaml.safe_load((REPO / "configs" / "tiny_cpu.yaml").read_text())
+    process = raw["config"]["process"][0]
+    process["network"] = {"type": "lora", "linear": RANK, "linear_alpha": RANK}
+    process["datasets"][0]["folder_path"] = str(tmp)
+    process["training_folder"] = str(tmp / "out")
+    process["sample"] = None
+    overrides = MODES[mode] or {}
+    process["train"].update(
+        {"optimizer": "adamw", "lr": 1e-5, "dtype": "bf16", "gradient_checkpointing": True}
+        | overrides.get("train", {})
+    )
+    process["model"].update({"name_or_path": "random-a14b", "model_kwargs": {"train_low_noise": False}})
+    process["model"].update(overrides.get("model", {}))
+    return parse_config(raw, workdir=tmp).job
+
+
+# --- FLOPs -----------------------------------------------------------------------------------------
+
+
+def tokens_of(size: str) -> int:
+    height, width, frames = (int(v) for v in size.split("x"))
+    return ((frames - 1) // 4 + 1) * (height // 16) * (width // 16)
+
+
+def forward_flops(tokens: int, layers: int, rank: int = RANK) -> float:
+    d, f = A14B["num_attention_heads"] * A14B["attention_head_dim"], A14B["ffn_dim"]
+    linear = 2 * tokens * (6 * d * d + 2 * d * f) + 2 * TEXT_TOKENS * 2 * d * d
+    lora = 2 * rank * (tokens * (6 * 2 * d + 2 * (d + f)) + TEXT_TOKENS * 2 * 2 * d)
+    attention = 4 * tokens * tokens * d + 4 * tokens * TEXT_TOKENS * d
+    return layers * (linear + lora + attention)
+
+
+def peak_flops() -> float:
+    name = torch.cuda.get_device_name()
+    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), 989.4e12)
+
+
+# --- steps -----------------------------------------------------------------------------------------
+
+
+def reference_step(model, params, optimizer, batch: Batch, step: int, train, device) -> float:
+    """Plain diffusers + peft, with the production step's inputs (same noise and timestep draws)."""
+    optimizer.zero_grad(set_to_none=True)
+    # The production step's draws: dropout per (step, micro, rank), noise per (step, micro, sample).
+    torch.manual_seed(derive_seed(train.seed, "dropout", step, 0, 0))
+    generator = torch.Generator().manual_seed(derive_seed(train.seed, "noise", step, 0, 0))
+    t = sample_timesteps(
+        train.timestep_type, timestep_window(EXPERT, BOUNDARY), 1, generator, shift=train.timestep_shift
+    )
+    noise = torch.randn(batch.latents.shape[1:], generator=generator).unsqueeze(0)
+    x_t, target = noisy_input(batch.latents, noise, t)
+    hidden = torch.cat([x_t, batch.condition], dim=1).to(device, torch.bfloat16)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        pred = model(
+            hidden_states=hidden,
+            timestep=t.to(device),
+            encoder_hidden_states=batch.text.to(device, torch.bfloat16),
+            return_dict=False,
+        )[0]
+    loss = flow_loss(pred, target.to(device))
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, train.max_grad_norm)
+    optimizer.step()
+    return loss.item()
+
+
+def project_parts(model, params, job, batch: Batch, device) -> TrainParts:
+    components = WanComponents(
+        name_or_path="random-a14b",
+        boundary_ratio=0.9,
+        expand_timesteps=False,
+        scheduler=UniPCMultistepScheduler(),
+        tokenizer=None,
+        text_encoder=None,
+        vae=None,
+        transformer_high=model,
+        transformer_low=None,
+    )
+    return TrainParts(
+        job=job,
+        files=RunFiles.of(job),
+        model=components,
+        params={EXPERT: params},
+        optimizer=build_optimizer(job.process.train, {EXPERT: params}),
+        scheduler=AlphaScheduler(job.process.network, (EXPERT,)),
+        stability=GradientStability(),
+        stream=FixedStream(batch),
+        device=device,
+        compute_dtype=torch.bfloat16,
+        index_hash="bench",
+    )
+
+
+def run_size(mode: str, size: str, model, params, initial, job, args, ref: dict, log) -> Result:
+    device = torch.device("cuda")
+    batch = make_batch(size)
+    tokens = tokens_of(size)
+    result = Result(size, tokens, mode)
+    with torch.no_grad():
+        for p, v in zip(params, initial, strict=True):
+            p.copy_(v)
+    train = job.process.train
+    if mode == "reference":
+        optimizer = torch.optim.AdamW(params, lr=train.lr)
+
+        def step(i: int) -> float | None:
+            return reference_step(model, params, optimizer, batch, i, train, device)
+    else:
+        parts = project_parts(model, params, job, batch, device)
+        state = TrainState(run_id="bench")
+
+        def step(i: int) -> float | None:
+            return train_step(parts, state, i).loss
+
+    gc.collect()
+    torch.cuda.empty_cache()
+    times, peaks, reserved, counts = [], [], [], []
+    for i in range(args.warmup + args.steps):
+        torch.cuda.reset_peak_memory_stats()  # per step, as the training loop does
+        torch.cuda.synchronize()
+        began = time.perf_counter()
+        loss = step(i)
+        torch.cuda.synchronize()
+        seconds = time.perf_counter() - began
+        count = getattr(model, "wan_matmul_blocks", None)
+        peak = torch.cuda.max_memory_allocated() / 2**30
+        log(
+            f"  {mode:9s} {size:11s} step {i}: loss {loss} {seconds:.3f} s, {peak:.1f} GiB, matmul blocks {count}"
+        )
+        if loss is None and i >= args.warmup:
+            result.note = "timed step skipped (out of memory)"
+            return result
+        if i == 0 and loss is not None:
+            result.loss, result.first_step_s = loss, seconds
+            grads = torch.cat([p.grad.detach().double().flatten().cpu() for p in params])
+            if mode == "reference":
+                ref[size] = {"loss": loss, "grads": grads}
+            elif size in ref:
+                result.loss_diff = abs(loss - ref[size]["loss"]) / abs(ref[size]["loss"])
+                cos = torch.nn.functional.cosine_similarity(grads, ref[size]["grads"], dim=0)
+                result.grad_cos = float(cos)
+            del grads
+        if i >= args.warmup:
+            times.append(seconds)
+            peaks.append(peak)
+            reserved.append(torch.cuda.max_memory_reserved() / 2**30)
+            counts.append(count)
+    result.times = times
+    result.s_per_step = statistics.median(times)
+    result.peak_gib = max(peaks)
+    result.reserved_gib = max(reserved)
+    result.mfu = 3 * forward_flops(tokens, args.layers) / result.s_per_step / peak_flops()
+    if mode == "reference":
+        ref[size]["s"] = result.s_per_step
+    elif size in ref and "s" in ref[size]:
+        result.ratio = ref[size]["s"] / result.s_per_step
+    if any(c is not None for c in counts):
+        result.note = f"blocks keeping matmul outputs: {counts}"
+    return result
+
+
+def setup_mode(mode: str, model, job) -> str:
+    """Apply a mode's options to the model in place; return what was applied."""
+    if mode == "reference":
+        model.enable_gradient_checkpointing()
+        model.train()
+        return "diffusers gradient checkpointing, peft defaults"
+    torch._dynamo.reset()  # the previous mode's compiled graphs would only add guard checks
+    applied = perf.apply_training_options(model, job.process.train, job.process.model, torch.device("cuda"))
+    model.train()
+    return str(applied)
+
+
+# --- micro-benchmarks ------------------------------------------------------------------------------
+
+
+def cuda_time(fn, reps: int = 5) -> float:
+    fn()
+    torch.cuda.synchronize()
+    began = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - began) / reps
+
+
+def micro(log) -> dict:
+    """Frozen linear fwd+bwd (bf16, torchao float8 rowwise, ours), SDPA kernels, int4 weight-only."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from wan_assets.core.quantize import Float8FrozenLinear
+
+    out = {}
+    dev = torch.device("cuda")
+    m, k, n = 32760, 5120, 13824
+    x = torch.randn(m, k, device=dev, dtype=torch.bfloat16, requires_grad=True)
+    base = torch.nn.Linear(k, n, device=dev, dtype=torch.bfloat16).requires_grad_(False)
+    flops = 2 * 2 * m * k * n  # forward + input gradient
+
+    def fwd_bwd(layer):
+        def run():
+            x.grad = None
+            layer(x).sum().backward()
+
+        return run
+
+    layers = {"bf16": base, "ours_fp8": Float8FrozenLinear(base, keep_transposed=True)}
+    layers["ours_fp8_no_t"] = Float8FrozenLinear(base, keep_transposed=False)
+    try:
+        import copy
+
+        from torchao.float8 import Float8LinearConfig, convert_to_float8_training
+
+        wrapped = torch.nn.Sequential(copy.deepcopy(base))
+        convert_to_float8_training(wrapped, config=Float8LinearConfig.from_recipe_name("rowwise"))
+        wrapped.requires_grad_(False)
+        layers["torchao_fp8_rowwise"] = wrapped
+    except Exception as exc:  # report, keep going
+        out["torchao_error"] = repr(exc)
+    for name, layer in layers.items():
+        for compiled in (False, True):
+            try:
+                fn = torch.compile(layer) if compiled else layer
+                s = cuda_time(fwd_bwd(fn))
+                out[f"linear_{name}{'_compiled' if compiled else ''}_tflops"] = round(flops / s / 1e12, 1)
+            except Exception as exc:
+                out[f"linear_{name}{'_compiled' if compiled else ''}_error"] = repr(exc)[:300]
+    q = torch.randn(1, 40, 32760, 128, device=dev, dtype=torch.bfloat16, requires_grad=True)
+    attn_flops = 4 * 32760 * 32760 * 128 * 40 * 3.5  # forward + backward (2.5x)
+    for backend in (SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION):
+        try:
+            with sdpa_kernel(backend):
+
+                def run():
+                    q.grad = None
+                    torch.nn.functional.scaled_dot_product_attention(q, q, q).sum().backward()
+
+                out[f"sdpa_{backend.name}_tflops"] = round(attn_flops / cuda_time(run, 3) / 1e12, 1)
+        except Exception as exc:
+            out[f"sdpa_{backend.name}_error"] = repr(exc)[:200]
+    try:
+        from wan_assets.core.quantize import weight_only
+
+        block = torch.nn.Sequential(torch.nn.Linear(k, k, device=dev, dtype=torch.bfloat16)).requires_grad_(
+            False
+        )
+        weight_only(block, "int4")
+        xi = torch.randn(64, k, device=dev, dtype=torch.bfloat16, requires_grad=True)
+        block(xi).sum().backward()
+        out["int4_weight_only_backward"] = "ok"
+    except Exception as exc:
+        out["int4_weight_only_backward"] = repr(exc)[:300]
+    out.update(lora_overhead())
+    for key, value in out.items():
+        log(f"  micro {key}: {value}")
+    return out
+
+
+def lora_overhead(tokens: int = 9216) -> dict:
+    """One real block, forward + backward at `tokens`: without LoRA, peft's LoRA as it comes (input
+    up-cast to the fp32 adapter), without the up-cast, and that compiled."""
+    from diffusers.models.transformers.transformer_wan import WanRotaryPosEmbed, WanTransformerBlock
+    from peft import LoraConfig, inject_adapter_in_model
+
+    dev, bf16 = torch.device("cuda"), torch.bfloat16
+    d = A14B["num_attention_heads"] * A14B["attention_head_dim"]
+
+    def block():
+        torch.manual_seed(0)
+        b = WanTransformerBlock(d, A14B["ffn_dim"], 40, "rms_norm_across_heads", True, 1e-6, None)
+        b = b.to(dev, bf16).requires_grad_(False)
+        b.norm2.float()
+        b.scale_shift_table.data = b.scale_shift_table.data.float()
+        return b
+
+    side = int((tokens // 9) ** 0.5) * 2
+    rope = WanRotaryPosEmbed(128, (1, 2, 2), 1024).to(dev)
+    rotary = rope(torch.zeros(1, 36, 9, side, side, device=dev))
+    hidden = torch.randn(1, 9 * (side // 2) ** 2, d, device=dev, dtype=bf16, requires_grad=True)
+    enc = torch.randn(1, TEXT_TOKENS, d, device=dev, dtype=bf16)
+    temb = torch.randn(1, 6, d, device=dev)
+
+    def timed(b):
+        def run():
+            hidden.grad = None
+            with torch.autocast("cuda", dtype=bf16):
+                b(hidden, enc, temb, rotary).float().sum().backward()
+
+        return round(1000 * cuda_time(run), 2)
+
+    out = {"block_tokens": hidden.shape[1], "block_no_lora_ms": timed(block())}
+    targets = list(__import__("wan_assets.core.lora", fromlist=["COMFY_NAMES"]).COMFY_NAMES)
+    lora = inject_adapter_in_model(LoraConfig(r=RANK, lora_alpha=RANK, target_modules=targets), block())
+    for name, p in lora.named_parameters():
+        if "lora_" in name:
+            p.data = p.data.float()
+            p.requires_grad_(True)
+    out["block_peft_lora_ms"] = timed(lora)
+    for m in lora.modules():
+        if hasattr(m, "lora_A"):
+            m.cast_input_dtype_enabled = False
+    out["block_lora_no_upcast_ms"] = timed(lora)
+    lora.compile()
+    out["block_lora_no_upcast_compiled_ms"] = timed(lora)
+    return out
+
+
+# --- main ------------------------------------------------------------------------------------------
+
+
+def table(results: list[Result]) -> str:
+    head = f"{'size':11s} {'tokens':>6s} {'mode':9s} {'s/step':>7s} {'GiB':>6s} {'MFU':>5s} {'ratio':>6s} {'loss diff':>9s} {'grad cos':>8s}"
+    lines = [head, "-" * len(head)]
+    for r in results:
+        if r.s_per_step is None:
+            lines.append(f"{r.size:11s} {r.tokens:6d} {r.mode:9s} {r.note}")
+            continue
+        ratio = f"{r.ratio:.2f}x" if r.ratio else "1.00x" if r.mode == "reference" else "-"
+        diff = f"{100 * r.loss_diff:.3f}%" if r.loss_diff is not None else "-"
+        cos = f"{r.grad_cos:.4f}" if r.grad_cos is not None else "-"
+        lines.append(
+            f"{r.size:11s} {r.tokens:6d} {r.mode:9s} {r.s_per_step:7.2f} {r.peak_gib:6.1f} "
+            f"{100 * r.mfu:4.0f}% {ratio:>6s} {diff:>9s} {cos:>8s}"
+        )
+    return "\n".join(lines)
+
+
+def scaling(results: list[Result]) -> str:
+    lines = [
+        "scaling: s/step and peak GiB against tokens",
+        f"{'mode':9s} " + " ".join(f"{t:>14d}" for t in sorted({r.tokens for r in results})),
+    ]
+    for mode in dict.fromkeys(r.mode for r in results):
+        cells = []
+        for tokens in sorted({r.tokens for r in results}):
+            r = next((r for r in results if r.mode == mode and r.tokens == tokens and r.s_per_step), None)
+            cells.append(f"{r.s_per_step:6.2f}s {r.peak_gib:5.1f}G" if r else f"{'-':>14s}")
+        lines.append(f"{mode:9s} " + " ".join(cells))
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--sizes", default="512x512x33,512x512x81,480x832x81", help="HxWxF, comma-separated")
+    parser.add_argument("--modes", default=",".join(MODES), help="in the order: " + ",".join(MODES))
+    parser.add_argument("--mode-sizes", default="", help="mode=size+size;... limits a mode to some sizes")
+    parser.add_argument("--layers", type=int, default=40)
+    parser.add_argument("--warmup", type=int, default=3, help="3 lets the memory plan settle")
+    parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--micro", action="store_true", help="also run the micro-benchmarks")
+    parser.add_argument("--deadline-at", type=float, default=0, help="unix time: start nothing after it")
+    parser.add_argument("--out", default=os.environ.get("OUT", "bench_out"))
+    args = parser.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    logfile = (out / "train_step.log").open("a")
+
+    started = time.perf_counter()
+
+    def log(msg: str) -> None:
+        msg = f"[{time.perf_counter() - started:6.0f}s] {msg}" if msg else msg
+        print(msg, flush=True)
+        logfile.write(msg + "\n")
+        logfile.flush()
+
+    sizes, modes = args.sizes.split(","), args.modes.split(",")
+    limits = dict(item.split("=") for item in args.mode_sizes.split(";") if item)
+    order = list(MODES)
+    assert modes == sorted(modes, key=order.index), f"modes must keep the order {order}"
+    env = (
+        f"card: {torch.cuda.get_device_name()} | torch {torch.__version__} | CUDA {torch.version.cuda} | "
+        f"cuDNN {torch.backends.cudnn.version()} | layers {args.layers} | LoRA r{RANK} | "
+        f"warm-up {args.warmup}, timed {args.steps} (median)"
+    )
+    log(env)
+    micro_results = micro(log) if args.micro else {}
+    device = torch.device("cuda")
+    tmp = Path(tempfile.mkdtemp())
+    began = time.perf_counter()
+    model = build_expert(args.layers, device)
+    job = bench_job(tmp, "reference")
+    params = add_adapter(model, job)
+    initial = [p.detach().cpu().clone() for p in params]  # off the GPU: not part of any mode's peak
+    log(
+        f"built expert in {time.perf_counter() - began:.1f} s: {torch.cuda.memory_allocated() / 2**30:.1f} GiB"
+    )
+    results, ref = [], {}
+    for mode in modes:
+        job = bench_job(tmp, mode)
+        began = time.perf_counter()
+        applied = setup_mode(mode, model, job)
+        log(
+            f"{mode}: {applied} ({time.perf_counter() - began:.1f} s); "
+            f"{torch.cuda.memory_allocated() / 2**30:.1f} GiB allocated"
+        )
+        for size in sizes:
+            if mode in limits and size not in limits[mode].split("+"):
+                continue
+            if args.deadline_at and time.time() > args.deadline_at:
+                results.append(Result(size, tokens_of(size), mode, note="not run: out of time"))
+                continue
+            try:
+                result = run_size(mode, size, model, params, initial, job, args, ref, log)
+            except torch.OutOfMemoryError as exc:
+                result = Result(size, tokens_of(size), mode, note=f"out of memory: {str(exc)[:120]}")
+            results.append(result)
+            log(table([result]).splitlines()[-1] + f"   first step {result.first_step_s}s {result.note}")
+            (out / "train_step.json").write_text(
+                json.dumps(
+                    {"env": env, "micro": micro_results, "results": [asdict(r) for r in results]}, indent=1
+                )
+            )
+        if mode == "reference":
+            model.disable_gradient_checkpointing()
+        from torch._dynamo.utils import counters
+
+        log(f"{mode}: dynamo graph breaks {dict(counters['graph_break'])}, stats {dict(counters['stats'])}")
+    log("")
+    log(env)
+    log(table(results))
+    log(scaling(results))
+
+
+if __name__ == "__main__":
+    main()
