@@ -18,16 +18,9 @@ import yaml
 
 from wan_assets.core.cache import EncoderHandle, cache_dataset
 from wan_assets.core.config import parse_config
-from wan_assets.core.metrics_db import (
-    DatabaseBusy,
-    MetricsDbError,
-    format_table,
-    ingest_evaluations,
-    ingest_run,
-    query,
-    summary,
-)
+from wan_assets.core.metrics_db import DatabaseBusy, MetricsDbError, ingest_evaluations, ingest_run
 from wan_assets.core.metrics_log import METRIC_FIELDS, read_lines, truncate
+from wan_assets.core.metrics_report import format_table, query, summary
 from wan_assets.core.train import TrainResult, train
 
 from .conftest import CONFIGS, REPO
@@ -54,7 +47,7 @@ con.close()
 POLLER = """
 import sys
 from pathlib import Path
-from wan_assets.core.metrics_db import query
+from wan_assets.core.metrics_report import query
 seen, n = set(), 0
 while not Path(sys.argv[2]).exists():
     seen.add(query(Path(sys.argv[1]), "SELECT count(*) FROM metrics", timeout_s=30)[1][0][0])

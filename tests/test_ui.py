@@ -244,6 +244,22 @@ def _wait_until_answering(server: Server) -> None:
     pytest.fail(f"ui did not answer within {SERVER_START_TIMEOUT_S}s:\n{server.log.read_text()[-4000:]}")
 
 
+def start_server(command: list[str], env: dict[str, str], port: int, log: Path) -> Server:
+    """The server in its own session (so the daemon and code servers can be stopped as a group),
+    answering HTTP before this returns."""
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            command, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    server = Server(process, port, log)
+    try:
+        _wait_until_answering(server)
+    except BaseException:
+        _stop(process)
+        raise
+    return server
+
+
 def _stop(process: subprocess.Popen[bytes]) -> int:
     os.killpg(process.pid, signal.SIGTERM)
     try:
@@ -265,22 +281,12 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
         "DAGSTER_HOME": str(workdir / "dagster"),
     }
     code = f"from pathlib import Path; from wan_assets.ui import serve; serve(Path({str(workdir)!r}), port={port})"
-    log = workdir / "ui.log"
-    with log.open("wb") as out:
-        process = subprocess.Popen(
-            [sys.executable, "-c", code],
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    server = Server(process, port, log)
+    server = start_server([sys.executable, "-c", code], env, port, workdir / "ui.log")
     try:
-        _wait_until_answering(server)
         yield server
     finally:
-        if process.poll() is None:
-            _stop(process)
+        if server.process.poll() is None:
+            _stop(server.process)
 
 
 def test_server_refuses_without_token(server: Server) -> None:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -16,7 +15,7 @@ import pytest
 import yaml
 
 from .conftest import CONFIGS
-from .test_ui import BEARER, TOKEN, Server, _free_port, _stop, _wait_until_answering
+from .test_ui import BEARER, TOKEN, _free_port, _stop, start_server
 
 MATERIALIZED_TIMEOUT_S = 360.0
 
@@ -49,17 +48,10 @@ def test_dropped_clip_is_materialized_by_the_sensor(
         "DAGSTER_HOME": str(workdir / "dagster"),
     }
     log = tmp_path / "ui.log"
-    with log.open("wb") as out:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "wan_assets.cli", "ui", "--port", str(port), "--workdir", str(workdir)],
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    server = Server(process, port, log)
+    command = [sys.executable, "-m", "wan_assets.cli", "ui", "--port", str(port), "--workdir", str(workdir)]
+    server = start_server(command, env, port, log)
+    process = server.process
     try:
-        _wait_until_answering(server)
         # Drop a clip (caption first: the sensor must see a complete pair).
         shutil.copy(clips_dir / "circle_right.txt", incoming / "dropped_in.txt")
         shutil.copy(clips_dir / "circle_right.mp4", incoming / "dropped_in.mp4")

@@ -92,7 +92,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_sql(args: argparse.Namespace) -> int:
-    from wan_assets.core.metrics_db import format_table, query
+    from wan_assets.core.metrics_report import format_table, query
 
     columns, rows = query(Workdir.open(args.workdir).database, args.query)
     print(format_table(columns, rows))
@@ -154,7 +154,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"latent cache: {Path(out['workdir']) / 'cache'}")
     print(f"run:          {job.run_dir()}")
     print(f"metrics:      {Path(out['workdir']) / 'metrics.duckdb'}")
-    from wan_assets.core.metrics_db import summary
+    from wan_assets.core.metrics_report import summary
 
     print("\n" + summary(Path(out["workdir"]) / "metrics.duckdb"))
     for key, reason in out["failed_clips"].items():

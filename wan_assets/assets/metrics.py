@@ -8,7 +8,8 @@ from resources.project import WanProjectResource
 from wan_assets.assets.training import LORA_KEYS, evaluated_checkpoints
 from wan_assets.automation import EVALUATE
 from wan_assets.core.evaluation import scores_path
-from wan_assets.core.metrics_db import ingest_evaluations, ingest_run, query, summary
+from wan_assets.core.metrics_db import ingest_evaluations, ingest_run
+from wan_assets.core.metrics_report import query, summary
 from wan_assets.core.run_files import RunFiles
 from wan_assets.metadata import table_metadata
 
