@@ -33,7 +33,6 @@ off ingestion until they close it; `wan-assets sql` never does.
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import json
 import math
 import os
@@ -370,7 +369,7 @@ def ingest_run(
         _insert(con, "phase_transitions", transitions)
         # REPLACE: a path re-used by a later run of the same name now belongs to that run.
         _insert(con, "checkpoints", checkpoints, replace=True)
-        _insert_run(con, run_id, files, experts, status, config_hash or _config_hash(files.config))
+        _insert_run(con, run_id, files, experts, status, config_hash or files.config_hash())
     return IngestStats(run_id, len(metrics), len(transitions), len(checkpoints))
 
 
@@ -396,34 +395,18 @@ def _finite(value: Any) -> Any:
     return value
 
 
-_STEP = re.compile(r"_(\d{9})_")
-
-
-def _step_of(path: Path) -> int | None:
-    match = _STEP.search(path.name)
-    return int(match.group(1)) if match else None
-
-
 def _newest_scheduler_state(files: RunFiles) -> dict[str, Any]:
     """The newest `_alpha_scheduler.json`: it holds every transition up to its step."""
-    steps = [
-        step
-        for path in files.root.glob(f"{files.name}_*_alpha_scheduler.json")
-        if (step := _step_of(path)) is not None and files.alpha_scheduler(step) == path
-    ]
-    if not steps:
-        return {}
-    return json.loads(files.alpha_scheduler(max(steps)).read_text(encoding="utf-8"))
+    newest = files.newest_alpha_scheduler()
+    return json.loads(newest.read_text(encoding="utf-8")) if newest is not None else {}
 
 
 def checkpoint_rows(files: RunFiles, run_id: str, *, num_steps: int) -> list[dict[str, Any]]:
     """The LoRA files on disk (pruned ones are gone); a final LoRA counts as step `num_steps`."""
     rows = []
     for expert in EXPERTS:
-        candidates = [(None, files.lora(expert))]
-        for path in files.root.glob(f"{files.name}_*_{expert}.safetensors"):
-            if (step := _step_of(path)) is not None and files.lora(expert, step) == path:
-                candidates.append((step, path))
+        steps = files.steps_with(f"{expert}.safetensors")
+        candidates = [(None, files.lora(expert)), *((step, files.lora(expert, step)) for step in steps)]
         for step, path in candidates:
             if path.is_file():
                 final = step is None
@@ -438,10 +421,6 @@ def checkpoint_rows(files: RunFiles, run_id: str, *, num_steps: int) -> list[dic
                     }
                 )
     return sorted(rows, key=lambda r: (r["expert"], r["final"], r["step"]))
-
-
-def _config_hash(config: Path) -> str | None:
-    return hashlib.sha256(config.read_bytes()).hexdigest()[:16] if config.is_file() else None
 
 
 def _insert_run(

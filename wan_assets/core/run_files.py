@@ -7,6 +7,7 @@ only when it exists. Every file is written atomically.
 
 from __future__ import annotations
 
+import hashlib
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,8 +16,6 @@ import torch
 
 from wan_assets.core.config import JobConfig
 from wan_assets.core.files import atomic_output
-
-_STEP_FILE = re.compile(r"_(\d{9})_state\.pt$")
 
 
 @dataclass(frozen=True)
@@ -54,14 +53,29 @@ class RunFiles:
     def checkpoint_files(self, step: int, experts: tuple[str, ...]) -> list[Path]:
         return [*(self.lora(e, step) for e in experts), self.alpha_scheduler(step), self.state(step)]
 
+    def steps_with(self, suffix: str) -> list[int]:
+        """Steps that have a `<name>_<step:09d>_<suffix>` file, oldest first."""
+        pattern = re.compile(re.escape(self.name) + r"_(\d{9})_" + re.escape(suffix))
+        matches = (pattern.fullmatch(p.name) for p in self.root.glob(f"{self.name}_*_{suffix}"))
+        return sorted(int(m.group(1)) for m in matches if m)
+
     def complete_steps(self, experts: tuple[str, ...]) -> list[int]:
         """Steps with every file of a checkpoint present, oldest first."""
-        steps = []
-        for path in self.root.glob(f"{self.name}_*_state.pt"):
-            match = _STEP_FILE.search(path.name)
-            if match and all(p.is_file() for p in self.checkpoint_files(int(match.group(1)), experts)):
-                steps.append(int(match.group(1)))
-        return sorted(steps)
+        return [
+            s
+            for s in self.steps_with("state.pt")
+            if all(p.is_file() for p in self.checkpoint_files(s, experts))
+        ]
+
+    def newest_alpha_scheduler(self) -> Path | None:
+        """The newest scheduler state: it carries the whole transition history up to its step."""
+        steps = self.steps_with("alpha_scheduler.json")
+        return self.alpha_scheduler(steps[-1]) if steps else None
+
+    def config_hash(self) -> str | None:
+        if not self.config.is_file():
+            return None
+        return hashlib.sha256(self.config.read_bytes()).hexdigest()[:16]
 
     def prune(self, experts: tuple[str, ...], keep: int) -> list[int]:
         """Retention (`save.max_step_saves_to_keep`): delete all but the newest `keep` checkpoints."""

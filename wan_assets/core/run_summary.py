@@ -6,7 +6,6 @@ run can be summarised again later without the process that trained it.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,16 +46,10 @@ class RunSummary:
         return self.steps / self.seconds if self.seconds > 0 else 0.0
 
 
-def config_hash(files: RunFiles) -> str:
-    return hashlib.sha256(files.config.read_bytes()).hexdigest()[:16] if files.config.is_file() else ""
-
-
 def latest_transitions(files: RunFiles) -> list[dict]:
     """The transition log of the newest alpha-scheduler file (it carries the whole history)."""
-    newest = sorted(files.root.glob(f"{files.name}_*_alpha_scheduler.json"))
-    if not newest:
-        return []
-    return json.loads(newest[-1].read_text()).get("transitions", [])
+    newest = files.newest_alpha_scheduler()
+    return json.loads(newest.read_text()).get("transitions", []) if newest is not None else []
 
 
 def summarize(files: RunFiles, experts: tuple[str, ...], *, plot: bool = True) -> RunSummary:
@@ -91,7 +84,7 @@ def summarize(files: RunFiles, experts: tuple[str, ...], *, plot: bool = True) -
         final_loras={e: files.lora(e) for e in experts if files.lora(e).is_file()},
         samples=sorted(files.samples.glob("*.mp4")) if files.samples.is_dir() else [],
         seconds=sum(line.get("step_time_s") or 0.0 for line in lines),
-        config_hash=config_hash(files),
+        config_hash=files.config_hash() or "",
         skipped=skipped,
     )
     if plot and lines:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import gc
 import hashlib
-import math
 import shutil
 import time
 import uuid
@@ -315,20 +314,7 @@ def _peak_mem_gib(device: torch.device) -> float | None:
 
 def save_checkpoint(parts: TrainParts, state: TrainState) -> list[Path]:
     step, files = state.step, parts.files
-    dtype = DTYPES[parts.job.process.save.dtype]
-    written = []
-    for expert in parts.experts:
-        alpha = parts.scheduler.alpha(expert)
-        written.append(
-            save_lora(
-                files.lora(expert, step),
-                parts.model.expert(expert),
-                expert,
-                alpha,
-                dtype=dtype,
-                metadata=_lora_metadata(parts, expert, step),
-            )
-        )
+    written = list(_save_loras(parts, step).values())
     parts.scheduler.save(files.alpha_scheduler(step))
     written.append(files.alpha_scheduler(step))
     state_dict = {
@@ -410,18 +396,24 @@ def _resume_problem(parts: TrainParts, saved: dict, path: Path) -> str | None:
 
 
 def save_final(parts: TrainParts) -> dict[str, Path]:
+    return _save_loras(parts, None)
+
+
+def _save_loras(parts: TrainParts, step: int | None) -> dict[str, Path]:
+    """Each trained expert's LoRA at `step` (None: the final `<name>_<expert>.safetensors`)."""
     dtype = DTYPES[parts.job.process.save.dtype]
-    out = {}
-    for expert in parts.experts:
-        out[expert] = save_lora(
-            parts.files.lora(expert),
+    metadata_step = parts.job.process.train.steps if step is None else step
+    return {
+        expert: save_lora(
+            parts.files.lora(expert, step),
             parts.model.expert(expert),
             expert,
             parts.scheduler.alpha(expert),
             dtype=dtype,
-            metadata=_lora_metadata(parts, expert, parts.job.process.train.steps),
+            metadata=_lora_metadata(parts, expert, metadata_step),
         )
-    return out
+        for expert in parts.experts
+    }
 
 
 # --- the loop -----------------------------------------------------------------------------------------
@@ -527,7 +519,3 @@ def _maybe_checkpoint(
         reporter.log(
             f"samples at step {state.step}: {', '.join(str(p) for p in result.samples[-len(sample.all_prompts()) :])}"
         )
-
-
-def is_finite(value: float | None) -> bool:
-    return value is not None and math.isfinite(value)
