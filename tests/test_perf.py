@@ -11,7 +11,7 @@ import pytest
 import torch
 from diffusers import WanTransformer3DModel
 
-from wan_assets.core import perf
+from wan_assets.core import block_parts, cross_attention, offload, perf
 from wan_assets.core.config import ModelConfig, NetworkConfig, TrainConfig, parse_config
 from wan_assets.core.lora import add_lora
 from wan_assets.core.memory_plan import GIB, MatmulPlanner
@@ -108,6 +108,88 @@ def test_compiled_blocks_match_eager(expert: WanTransformer3DModel, monkeypatch:
     plain = run(expert, gradient_checkpointing=False)
     assert_same(run(expert, gradient_checkpointing="selective", compile=True), plain, exact=False)
     torch._dynamo.reset()
+
+
+def test_compiled_offloaded_halves_match_eager(
+    expert: WanTransformer3DModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(perf, "COMPILE_BACKEND", "aot_eager")
+    torch._dynamo.reset()
+    plain = run(expert, gradient_checkpointing=False)
+    offloaded = run(expert, gradient_checkpointing=True, activation_offload=True, compile=True)
+    assert_same(offloaded, plain, exact=False)
+    torch._dynamo.reset()
+
+
+def test_chunked_cross_attention_equals_diffusers(expert: WanTransformer3DModel) -> None:
+    attn = copy.deepcopy(expert.blocks[0].attn2)
+    original = attn.processor
+    dim = TINY_TRANSFORMER["num_attention_heads"] * TINY_TRANSFORMER["attention_head_dim"]
+    g = torch.Generator().manual_seed(6)
+    hidden = torch.randn(2, 512, dim, generator=g, requires_grad=True)
+    text = torch.randn(2, 16, dim, generator=g, requires_grad=True)
+    assert cross_attention.chunk_count(512, 16) == 8 and cross_attention.chunk_count(60, 16) == 1
+    outs, grads = [], []
+    for processor in (original, cross_attention.ChunkedCrossAttention(original)):
+        attn.processor = processor
+        out = attn(hidden, text)
+        weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(7))
+        trainable = [p for p in attn.parameters() if p.requires_grad]
+        grads.append(torch.autograd.grad((out * weights).sum(), [hidden, text, *trainable]))
+        outs.append(out.detach())
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-6)
+    for chunked, plain in zip(grads[1], grads[0], strict=True):
+        torch.testing.assert_close(chunked, plain, rtol=1e-5, atol=1e-6)
+
+
+def test_training_options_chunk_cross_attention_only_while_applied(expert: WanTransformer3DModel) -> None:
+    model = copy.deepcopy(expert)
+    perf.apply_training_options(model, TrainConfig(gradient_checkpointing=False), MODEL, CPU)
+    assert all(isinstance(b.attn2.processor, cross_attention.ChunkedCrossAttention) for b in model.blocks)
+    assert not any(isinstance(b.attn1.processor, cross_attention.ChunkedCrossAttention) for b in model.blocks)
+    perf.clear_training_options(model)
+    assert not any(isinstance(b.attn2.processor, cross_attention.ChunkedCrossAttention) for b in model.blocks)
+
+
+def test_block_halves_equal_the_block(expert: WanTransformer3DModel) -> None:
+    block = copy.deepcopy(expert.blocks[0])
+    g = torch.Generator().manual_seed(5)
+    dim = TINY_TRANSFORMER["num_attention_heads"] * TINY_TRANSFORMER["attention_head_dim"]
+    hidden = torch.randn(1, 48, dim, generator=g)
+    text = torch.randn(1, 16, dim, generator=g)
+    temb = torch.randn(1, 6, dim, generator=g)
+    rotary = expert.rope(inputs()["hidden_states"])
+    for dtype in (torch.float32, torch.bfloat16):
+        with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+            whole = block(hidden, text, temb, rotary)
+            attention, feed_forward = block_parts.split(block)
+            halves = feed_forward(attention(hidden, text, temb, rotary), text, temb, rotary)
+        assert torch.equal(whole, halves), dtype
+    trainable = {id(p) for p in block.parameters() if p.requires_grad}
+    shares = [{id(p) for p in half.trainable()} for half in block_parts.split(block)]
+    assert shares[0] and shares[1] and not shares[0] & shares[1]
+    assert shares[0] | shares[1] == trainable  # every LoRA weight belongs to exactly one half
+    assert block_parts.split(torch.nn.Linear(2, 2)) is None  # not a Wan block: offloaded whole
+
+
+def test_offload_stores_the_input_of_each_block_half(expert: WanTransformer3DModel) -> None:
+    model = copy.deepcopy(expert)
+    perf.apply_training_options(
+        model, TrainConfig(gradient_checkpointing=True, activation_offload=True), MODEL, CPU
+    )
+    model.train()
+    stored = []
+    original = offload.ActivationOffloader.store
+
+    def counting(self, tensor):
+        stored.append(tuple(tensor.shape))
+        return original(self, tensor)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(offload.ActivationOffloader, "store", counting)
+        with torch.autocast("cpu", dtype=torch.float32, enabled=False):
+            model(**inputs(), return_dict=False)[0].sum().backward()
+    assert len(stored) == 2 * len(model.blocks)
 
 
 def test_lora_without_input_upcast_is_bit_identical(expert: WanTransformer3DModel) -> None:

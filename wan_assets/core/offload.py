@@ -1,7 +1,7 @@
 """Activation offload (DESIGN 10, memory mode): block inputs wait in pinned CPU memory for backward.
 
-Each transformer block runs without keeping activations; its input is copied to pinned host memory
-on a side stream while the next blocks compute. In backward the block's input comes back (the one
+Each transformer block (as two halves: block_parts.py) runs without keeping activations; its input is
+copied to pinned host memory on a side stream while the next blocks compute. In backward the block's input comes back (the one
 before it is prefetched meanwhile), the block is recomputed with the forward's RNG and autocast
 state, and gradients flow to the input and to the block's trainable (LoRA) parameters. The GPU then
 holds no activations between forward and backward, whatever the number of blocks.
@@ -13,6 +13,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
+
+from wan_assets.core import block_parts
 
 
 @dataclass
@@ -82,9 +84,20 @@ class ActivationOffloader:
 
 
 def offloaded_block(block: torch.nn.Module, hidden: torch.Tensor, *rest, offloader: ActivationOffloader):
-    """diffusers' gradient-checkpointing hook: run `block` with its input offloaded."""
-    params = tuple(p for p in block.parameters() if p.requires_grad)
-    return _OffloadedBlock.apply(_BlockCall(block, rest, params, offloader), hidden, *params)
+    """diffusers' gradient-checkpointing hook: run `block` with its input offloaded.
+
+    A Wan block runs as its two halves (block_parts.py), each offloaded and recomputed on its own, so
+    backward holds one half's activations at a time; any other block runs whole.
+    """
+    halves = block_parts.split(block)
+    units = [(h, tuple(h.trainable())) for h in halves] if halves else [(block, _trainable(block))]
+    for unit, params in units:
+        hidden = _OffloadedBlock.apply(_BlockCall(unit, rest, params, offloader), hidden, *params)
+    return hidden
+
+
+def _trainable(module: torch.nn.Module) -> tuple[torch.nn.Parameter, ...]:
+    return tuple(p for p in module.parameters() if p.requires_grad)
 
 
 @dataclass

@@ -7,12 +7,15 @@
 - frozen base linears: fp8 compute (`train.fp8_compute`, Float8FrozenLinear; it pays under compile,
   where the quantization fuses) and/or weight-only storage (`model.quantize`: fp8 or int8; torchao's
   int4 has no backward), quantized block by block on the device.
+- text cross-attention: the video tokens go to SDPA as a batch of chunks, which parallelizes its
+  backward over the 512 text keys (cross_attention.py).
 - activations, per transformer block (`train.gradient_checkpointing`): false keeps all; true
   recomputes the whole block in backward; "selective" keeps the self-attention output (the
   costliest op to recompute, one token x dim tensor) and, under compile on a GPU, also the matmul
   outputs backward reads in as many blocks as memory allows (measured: memory_plan.py),
-  recomputing the rest. `train.activation_offload` keeps each block's input in pinned CPU memory
-  (copied on a side stream) and recomputes the block from it (offload.py).
+  recomputing the rest. `train.activation_offload` keeps the input of each block half (attention,
+  feed-forward: block_parts.py) in pinned CPU memory (copied on a side stream) and recomputes the
+  half from it in backward (offload.py).
 - `train.compile`: each block compiled on its own (regional: one graph reused by all 40 blocks),
   static shapes, one compile per bucket shape (and per LoRA scale: an alpha phase change
   recompiles once).
@@ -31,7 +34,7 @@ import torch
 from peft.tuners.lora.layer import LoraLayer
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
-from wan_assets.core import quantize
+from wan_assets.core import block_parts, cross_attention, quantize
 from wan_assets.core.config import ModelConfig, TrainConfig
 from wan_assets.core.memory_plan import MatmulPlanner
 from wan_assets.core.offload import ActivationOffloader, offloaded_block
@@ -65,13 +68,14 @@ def apply_training_options(
     for module in transformer.modules():
         if isinstance(module, LoraLayer):
             module.cast_input_dtype_enabled = False
+    cross_attention.install(transformer)
     home = torch.device("cpu") if train.offload_inactive_expert or model_cfg.low_vram else device
     fp8_linears = _place_and_quantize(transformer, train, kind, device, home)
     mode = _checkpoint_mode(train)
     offloader = ActivationOffloader(device) if mode == "offload" else None
     _install_checkpointing(transformer, mode, offloader)
     if train.compile:
-        _compile_blocks(transformer)
+        _compile_blocks(transformer, halves=mode == "offload")
     # Keeping matmul outputs too pays only under compile (eager would also keep the ones backward
     # never reads) and is measured with the CUDA allocator.
     planner = None
@@ -104,11 +108,13 @@ def clear_training_options(transformer: torch.nn.Module) -> None:
     transformer._wan_perf_hooks = []
     transformer.disable_gradient_checkpointing()
     transformer.wan_matmul_blocks = None
+    cross_attention.remove(transformer)
     for block in transformer.blocks:
         original = getattr(type(block), "_wan_original_class", None)
         if original is not None:
             block.__class__ = original
         block._compiled_call_impl = None
+        block_parts.forget(block)
 
 
 # --- checks ---------------------------------------------------------------------------------------------
@@ -141,8 +147,8 @@ def check_options(train: TrainConfig, model_cfg: ModelConfig, device: torch.devi
         )
     if train.activation_offload and train.gradient_checkpointing is not True:
         raise ValueError(
-            "train.activation_offload keeps each block's input in CPU memory and recomputes the whole "
-            f"block in backward; set train.gradient_checkpointing: true (it is {train.gradient_checkpointing!r})"
+            "train.activation_offload keeps each block half's input in CPU memory and recomputes the whole "
+            f"half in backward; set train.gradient_checkpointing: true (it is {train.gradient_checkpointing!r})"
         )
     if train.compile and device.type == "cpu" and not _cxx_compiler():
         raise ValueError(
@@ -293,10 +299,13 @@ def _first_block_input_needs_grad(module, args, output, *, planner):
 # --- compilation ----------------------------------------------------------------------------------------
 
 
-def _compile_blocks(transformer: torch.nn.Module) -> None:
+def _compile_blocks(transformer: torch.nn.Module, *, halves: bool) -> None:
+    """Compile each block, or under activation offload each block's halves (what offload runs)."""
     dynamo = torch._dynamo.config
     dynamo.recompile_limit = max(dynamo.recompile_limit, RECOMPILE_LIMIT)
     dynamo.accumulated_recompile_limit = max(dynamo.accumulated_recompile_limit, 8 * RECOMPILE_LIMIT)
     for block in transformer.blocks:
+        parts = block_parts.split(block) if halves else None
         # Static shapes: buckets repeat, and a static graph per bucket beats one dynamic graph.
-        block.compile(backend=COMPILE_BACKEND, dynamic=False)
+        for unit in parts or (block,):
+            unit.compile(backend=COMPILE_BACKEND, dynamic=False)
