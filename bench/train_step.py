@@ -84,6 +84,9 @@ MODES = {
     },
     "fp8": {"train": {"gradient_checkpointing": "selective", "compile": True, "fp8_compute": True}},
 }
+# memory + the 8-bit AdamW a 24 GiB card usually trains with (torchao; moments in 8 bits).
+MODES["memory8bit"] = {**MODES["memory"], "train": {**MODES["memory"]["train"], "optimizer": "adamw8bit"}}
+PLANNED = ("speed", "fp8")  # selective + compile: the memory plan settles over the first 3 steps
 PEAK_BF16_FLOPS = {"H100": 989.4e12, "H200": 989.4e12}  # dense bf16 tensor-core peak (SXM datasheet)
 TEXT_TOKENS = 512
 RANK = 64
@@ -106,6 +109,9 @@ class Result:
     grad_cos: float | None = None
     first_step_s: float | None = None
     times: list[float] = field(default_factory=list)
+    bound_s: float | None = None  # matmuls + attention at the measured kernel rates, nothing else
+    profile: dict = field(default_factory=dict)
+    peak_live: list = field(default_factory=list)
     note: str = ""
 
 
@@ -283,8 +289,21 @@ def run_size(mode: str, size: str, model, params, initial, job, args, ref: dict,
 
     gc.collect()
     torch.cuda.empty_cache()
+    if args.memory_cap and mode.startswith("memory"):
+        # The allocator of a smaller card: anything above the cap is an out-of-memory error here.
+        total = torch.cuda.get_device_properties(device).total_memory
+        torch.cuda.set_per_process_memory_fraction(args.memory_cap * 2**30 / total, device)
+        result.note = f"run under a {args.memory_cap:g} GiB allocator cap"
+    try:
+        return _run_steps(mode, size, model, params, job, args, ref, log, result, step, batch, tokens)
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0, device)
+
+
+def _run_steps(mode, size, model, params, job, args, ref, log, result, step, batch, tokens) -> Result:
     times, peaks, reserved, counts = [], [], [], []
-    for i in range(args.warmup + args.steps):
+    warmup = args.warmup if mode in PLANNED else min(args.warmup, 1)  # others: compile only
+    for i in range(warmup + args.steps):
         torch.cuda.reset_peak_memory_stats()  # per step, as the training loop does
         torch.cuda.synchronize()
         began = time.perf_counter()
@@ -296,7 +315,7 @@ def run_size(mode: str, size: str, model, params, initial, job, args, ref: dict,
         log(
             f"  {mode:9s} {size:11s} step {i}: loss {loss} {seconds:.3f} s, {peak:.1f} GiB, matmul blocks {count}"
         )
-        if loss is None and i >= args.warmup:
+        if loss is None and i >= warmup:
             result.note = "timed step skipped (out of memory)"
             return result
         if i == 0 and loss is not None:
@@ -309,11 +328,15 @@ def run_size(mode: str, size: str, model, params, initial, job, args, ref: dict,
                 cos = torch.nn.functional.cosine_similarity(grads, ref[size]["grads"], dim=0)
                 result.grad_cos = float(cos)
             del grads
-        if i >= args.warmup:
+        if i >= warmup:
             times.append(seconds)
             peaks.append(peak)
             reserved.append(torch.cuda.max_memory_reserved() / 2**30)
             counts.append(count)
+    if mode in args.profile.split(","):
+        result.profile = profile_step(lambda: step(warmup + args.steps), log)
+    if mode in args.memory_snapshot.split(","):
+        result.peak_live = snapshot_step(lambda: step(warmup + args.steps + 1), log)
     result.times = times
     result.s_per_step = statistics.median(times)
     result.peak_gib = max(peaks)
@@ -325,6 +348,8 @@ def run_size(mode: str, size: str, model, params, initial, job, args, ref: dict,
         result.ratio = ref[size]["s"] / result.s_per_step
     if any(c is not None for c in counts):
         result.note = f"blocks keeping matmul outputs: {counts}"
+    if torch.cuda.max_memory_reserved() > 0 and result.note.startswith("run under"):
+        result.note += f"; reserved {result.reserved_gib:.1f} GiB"
     return result
 
 
@@ -341,6 +366,159 @@ def setup_mode(mode: str, model, job) -> str:
 
 
 # --- micro-benchmarks ------------------------------------------------------------------------------
+
+
+def kernel_floor(size: str, layers: int, log) -> float:
+    """Seconds per step for the frozen matmuls (forward + input gradient) and cuDNN self-attention
+    (forward + backward) alone, each timed at this size's tokens: no LoRA, norms, recompute or
+    optimizer. No bf16 step can beat it on this card; reference / floor bounds the speed ratio."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    dev, bf16 = torch.device("cuda"), torch.bfloat16
+    tokens = tokens_of(size)
+    d, f = A14B["num_attention_heads"] * A14B["attention_head_dim"], A14B["ffn_dim"]
+    x_d = torch.randn(tokens, d, device=dev, dtype=bf16, requires_grad=True)
+    x_f = torch.randn(tokens, f, device=dev, dtype=bf16, requires_grad=True)
+
+    def linear_time(x, k, n) -> float:
+        w = torch.randn(n, k, device=dev, dtype=bf16) / k**0.5
+
+        def run():
+            x.grad = None
+            torch.nn.functional.linear(x, w).backward(torch.ones(tokens, n, device=dev, dtype=bf16))
+
+        return cuda_time(run)
+
+    per_layer = 6 * linear_time(x_d, d, d) + linear_time(x_d, d, f) + linear_time(x_f, f, d)
+    del x_f
+    q = torch.randn(1, 40, tokens, 128, device=dev, dtype=bf16, requires_grad=True)
+    with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+
+        def attention():
+            q.grad = None
+            torch.nn.functional.scaled_dot_product_attention(q, q, q).sum().backward()
+
+        attn = cuda_time(attention, 3)
+    floor = layers * (per_layer + attn)
+    log(
+        f"  floor {size}: matmuls {1000 * per_layer:.1f} ms + attention {1000 * attn:.1f} ms per layer "
+        f"-> {floor:.2f} s/step for {layers} layers"
+    )
+    return floor
+
+
+def cross_attention_micro(size: str, log) -> dict:
+    """Text cross-attention forward + backward at this size's tokens: one SDPA call as diffusers makes
+    it, and the query tokens as a batch of chunks (wan_assets/core/cross_attention.py)."""
+    from wan_assets.core.cross_attention import chunk_count
+
+    dev, bf16 = torch.device("cuda"), torch.bfloat16
+    tokens = tokens_of(size)
+    q = torch.randn(1, 40, tokens, 128, device=dev, dtype=bf16, requires_grad=True)
+    kv = torch.randn(1, 40, TEXT_TOKENS, 128, device=dev, dtype=bf16, requires_grad=True)
+    chunks = chunk_count(tokens, TEXT_TOKENS)
+
+    def plain():
+        q.grad = kv.grad = None
+        torch.nn.functional.scaled_dot_product_attention(q, kv, kv).sum().backward()
+
+    def chunked():
+        q.grad = kv.grad = None
+        qc = q.transpose(1, 2).reshape(chunks, tokens // chunks, 40, 128).transpose(1, 2)
+        k = kv.repeat_interleave(chunks, 0)
+        torch.nn.functional.scaled_dot_product_attention(qc, k, k).sum().backward()
+
+    out = {"plain_ms": 1000 * cuda_time(plain), "chunked_ms": 1000 * cuda_time(chunked), "chunks": chunks}
+    log(
+        f"  cross-attention {size}: one call {out['plain_ms']:.2f} ms, {chunks} chunks "
+        f"{out['chunked_ms']:.2f} ms per layer (forward + backward)"
+    )
+    return out
+
+
+def profile_step(run, log, top: int = 14) -> dict:
+    """One step under the profiler: GPU time by kernel family and the costliest kernels."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        run()
+        torch.cuda.synchronize()
+    kernels = [e for e in prof.key_averages() if e.self_device_time_total > 0]
+    families: dict[str, float] = {}
+    for e in kernels:
+        families[_kernel_family(e.key)] = families.get(_kernel_family(e.key), 0.0) + e.self_device_time_total
+    total = sum(families.values())
+    out = {"total_ms": total / 1000, "families_ms": {k: v / 1000 for k, v in families.items()}, "top": []}
+    log(
+        f"  profile: {total / 1000:.0f} ms of kernels; "
+        + ", ".join(
+            f"{k} {v / 1000:.0f} ms ({100 * v / total:.0f}%)"
+            for k, v in sorted(families.items(), key=lambda kv: -kv[1])
+        )
+    )
+    for e in sorted(kernels, key=lambda e: -e.self_device_time_total)[:top]:
+        row = {"kernel": e.key[:110], "calls": e.count, "ms": e.self_device_time_total / 1000}
+        out["top"].append(row)
+        log(f"    {row['ms']:8.1f} ms {row['calls']:6d}x  {row['kernel']}")
+    return out
+
+
+def _kernel_family(name: str) -> str:
+    low = name.lower()
+    if any(k in low for k in ("fmha", "flash", "cudnn", "attention", "sdpa")):
+        return "attention"
+    if any(k in low for k in ("gemm", "nvjet", "xmma", "cutlass", "matmul", "_mm_", "splitk")):
+        return "matmul"
+    if "triton" in low:
+        return "triton (fused pointwise/norms)"
+    if "memcpy" in low or "memset" in low:
+        return "copies"
+    return "other"
+
+
+def snapshot_step(run, log, top: int = 12) -> list:
+    """One step with the allocator's history on: what is live at the step's peak, by allocation site."""
+    base = torch.cuda.memory_allocated()
+    torch.cuda.memory._record_memory_history(max_entries=500_000)
+    try:
+        run()
+        torch.cuda.synchronize()
+        snap = torch.cuda.memory._snapshot()
+    finally:
+        torch.cuda.memory._record_memory_history(enabled=None)
+    live: dict[int, dict] = {}
+    total = peak = 0
+    at_peak: list[dict] = []
+    for event in snap["device_traces"][torch.cuda.current_device()]:
+        if event["action"] == "alloc":
+            live[event["addr"]] = event
+            total += event["size"]
+            if total > peak:
+                peak, at_peak = total, list(live.values())
+        elif event["action"] == "free_completed" and event["addr"] in live:
+            total -= live.pop(event["addr"])["size"]
+    sites: dict[str, list[int]] = {}
+    for event in at_peak:
+        cell = sites.setdefault(_site(event.get("frames", [])), [0, 0])
+        cell[0] += event["size"]
+        cell[1] += 1
+    rows = sorted(sites.items(), key=lambda kv: -kv[1][0])[:top]
+    log(
+        f"  memory at the step's peak: {(base + peak) / 2**30:.2f} GiB ({base / 2**30:.2f} held before the step)"
+    )
+    for site, (size, count) in rows:
+        log(f"    {size / 2**30:6.2f} GiB {count:5d}x  {site}")
+    return [{"site": site, "gib": size / 2**30, "count": count} for site, (size, count) in rows]
+
+
+def _site(frames: list[dict]) -> str:
+    """The innermost frame outside torch's own code (compiled graphs show as their generated file)."""
+    for frame in frames:
+        name = frame.get("filename", "")
+        if name.endswith(".py") and "/torch/" not in name:
+            return f"{Path(name).name}:{frame.get('line')} {frame.get('name')}"
+    return frames[0]["name"] if frames else "?"
 
 
 def cuda_time(fn, reps: int = 5) -> float:
@@ -519,6 +697,12 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3, help="3 lets the memory plan settle")
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--micro", action="store_true", help="also run the micro-benchmarks")
+    parser.add_argument("--floor", action="store_true", help="time the matmul + attention floor per size")
+    parser.add_argument("--profile", default="", help="modes: one more step per size under the profiler")
+    parser.add_argument(
+        "--memory-snapshot", default="", help="modes: one more step per size, what is live at its peak"
+    )
+    parser.add_argument("--memory-cap", type=float, default=0, help="GiB: cap the allocator in memory modes")
     parser.add_argument("--deadline-at", type=float, default=0, help="unix time: start nothing after it")
     parser.add_argument("--out", default=os.environ.get("OUT", "bench_out"))
     args = parser.parse_args()
@@ -545,6 +729,9 @@ def main() -> None:
     )
     log(env)
     micro_results = micro(log) if args.micro else {}
+    floors = {size: kernel_floor(size, args.layers, log) for size in sizes} if args.floor else {}
+    if args.floor:
+        micro_results["cross_attention"] = {size: cross_attention_micro(size, log) for size in sizes}
     device = torch.device("cuda")
     tmp = Path(tempfile.mkdtemp())
     began = time.perf_counter()
@@ -574,6 +761,7 @@ def main() -> None:
                 result = run_size(mode, size, model, params, initial, job, args, ref, log)
             except torch.OutOfMemoryError as exc:
                 result = Result(size, tokens_of(size), mode, note=f"out of memory: {str(exc)[:120]}")
+            result.bound_s = floors.get(size)
             results.append(result)
             log(table([result]).splitlines()[-1] + f"   first step {result.first_step_s}s {result.note}")
             (out / "train_step.json").write_text(
@@ -590,6 +778,10 @@ def main() -> None:
     log(env)
     log(table(results))
     log(scaling(results))
+    for size, floor in floors.items():
+        r = next((r for r in results if r.size == size and r.mode == "reference" and r.s_per_step), None)
+        most = f"; at most {r.s_per_step / floor:.2f}x the reference" if r else ""
+        log(f"floor {size}: matmuls + cuDNN attention alone {floor:.2f} s/step{most}")
 
 
 if __name__ == "__main__":
