@@ -8,15 +8,18 @@ initial weights:
   eager      selective checkpointing without compile (what compile adds)
   memory     fp8 weight-only base (one e4m3 copy) + fp8 compute + activation offload + compile
   fp8        speed + fp8 compute for the frozen base linears (a transposed e4m3 copy per weight)
+  memory8bit memory + torchao's 8-bit AdamW (the 24 GB recipe)
 Per size and mode it prints s/step (median of the timed steps), peak GiB (max allocated during the
 timed steps), MFU (3 x forward FLOPs of matmuls and attention over the card's dense bf16 peak), the
 speed ratio against the reference, the first step's loss difference and the cosine between the
 first step's LoRA gradients and the reference's. Modes run in the order above: each changes the
 model in place (memory and fp8 quantize it).
 
-  python bench/train_step.py --mode-sizes "memory=512x512x81"   # the table (about 12 min, H100)
-  python bench/train_step.py --sizes 512x512x33 --layers 2       # smoke test
-See bench/README.md for the device-box command lines and the results so far.
+  python bench/train_step.py --floor --mode-sizes "memory=512x512x81"   # the table (~12 min, H100)
+  python bench/train_step.py --sizes 512x512x33 --layers 2               # smoke test
+--floor adds the matmul + attention floor per size (bounds any bf16 speed ratio), --memory-cap the
+allocator of a smaller card, --profile / --memory-snapshot where a mode's time and memory go. See
+bench/README.md for the device-box command lines and the results.
 """
 
 from __future__ import annotations
@@ -267,7 +270,7 @@ def project_parts(model, params, job, batch: Batch, device) -> TrainParts:
 
 
 def run_size(mode: str, size: str, model, params, initial, job, args, ref: dict, log) -> Result:
-    device = torch.device("cuda")
+    device = torch.device("cuda", torch.cuda.current_device())
     batch = make_batch(size)
     tokens = tokens_of(size)
     result = Result(size, tokens, mode)
@@ -405,35 +408,6 @@ def kernel_floor(size: str, layers: int, log) -> float:
         f"-> {floor:.2f} s/step for {layers} layers"
     )
     return floor
-
-
-def cross_attention_micro(size: str, log) -> dict:
-    """Text cross-attention forward + backward at this size's tokens: one SDPA call as diffusers makes
-    it, and the query tokens as a batch of chunks (wan_assets/core/cross_attention.py)."""
-    from wan_assets.core.cross_attention import chunk_count
-
-    dev, bf16 = torch.device("cuda"), torch.bfloat16
-    tokens = tokens_of(size)
-    q = torch.randn(1, 40, tokens, 128, device=dev, dtype=bf16, requires_grad=True)
-    kv = torch.randn(1, 40, TEXT_TOKENS, 128, device=dev, dtype=bf16, requires_grad=True)
-    chunks = chunk_count(tokens, TEXT_TOKENS)
-
-    def plain():
-        q.grad = kv.grad = None
-        torch.nn.functional.scaled_dot_product_attention(q, kv, kv).sum().backward()
-
-    def chunked():
-        q.grad = kv.grad = None
-        qc = q.transpose(1, 2).reshape(chunks, tokens // chunks, 40, 128).transpose(1, 2)
-        k = kv.repeat_interleave(chunks, 0)
-        torch.nn.functional.scaled_dot_product_attention(qc, k, k).sum().backward()
-
-    out = {"plain_ms": 1000 * cuda_time(plain), "chunked_ms": 1000 * cuda_time(chunked), "chunks": chunks}
-    log(
-        f"  cross-attention {size}: one call {out['plain_ms']:.2f} ms, {chunks} chunks "
-        f"{out['chunked_ms']:.2f} ms per layer (forward + backward)"
-    )
-    return out
 
 
 def profile_step(run, log, top: int = 14) -> dict:
@@ -730,8 +704,6 @@ def main() -> None:
     log(env)
     micro_results = micro(log) if args.micro else {}
     floors = {size: kernel_floor(size, args.layers, log) for size in sizes} if args.floor else {}
-    if args.floor:
-        micro_results["cross_attention"] = {size: cross_attention_micro(size, log) for size in sizes}
     device = torch.device("cuda")
     tmp = Path(tempfile.mkdtemp())
     began = time.perf_counter()

@@ -11,7 +11,7 @@ import pytest
 import torch
 from diffusers import WanTransformer3DModel
 
-from wan_assets.core import block_parts, cross_attention, offload, perf
+from wan_assets.core import block_parts, offload, perf
 from wan_assets.core.config import ModelConfig, NetworkConfig, TrainConfig, parse_config
 from wan_assets.core.lora import add_lora
 from wan_assets.core.memory_plan import GIB, MatmulPlanner
@@ -119,36 +119,6 @@ def test_compiled_offloaded_halves_match_eager(
     offloaded = run(expert, gradient_checkpointing=True, activation_offload=True, compile=True)
     assert_same(offloaded, plain, exact=False)
     torch._dynamo.reset()
-
-
-def test_chunked_cross_attention_equals_diffusers(expert: WanTransformer3DModel) -> None:
-    attn = copy.deepcopy(expert.blocks[0].attn2)
-    original = attn.processor
-    dim = TINY_TRANSFORMER["num_attention_heads"] * TINY_TRANSFORMER["attention_head_dim"]
-    g = torch.Generator().manual_seed(6)
-    hidden = torch.randn(2, 512, dim, generator=g, requires_grad=True)
-    text = torch.randn(2, 16, dim, generator=g, requires_grad=True)
-    assert cross_attention.chunk_count(512, 16) == 8 and cross_attention.chunk_count(60, 16) == 1
-    outs, grads = [], []
-    for processor in (original, cross_attention.ChunkedCrossAttention(original)):
-        attn.processor = processor
-        out = attn(hidden, text)
-        weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(7))
-        trainable = [p for p in attn.parameters() if p.requires_grad]
-        grads.append(torch.autograd.grad((out * weights).sum(), [hidden, text, *trainable]))
-        outs.append(out.detach())
-    torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-6)
-    for chunked, plain in zip(grads[1], grads[0], strict=True):
-        torch.testing.assert_close(chunked, plain, rtol=1e-5, atol=1e-6)
-
-
-def test_training_options_chunk_cross_attention_only_while_applied(expert: WanTransformer3DModel) -> None:
-    model = copy.deepcopy(expert)
-    perf.apply_training_options(model, TrainConfig(gradient_checkpointing=False), MODEL, CPU)
-    assert all(isinstance(b.attn2.processor, cross_attention.ChunkedCrossAttention) for b in model.blocks)
-    assert not any(isinstance(b.attn1.processor, cross_attention.ChunkedCrossAttention) for b in model.blocks)
-    perf.clear_training_options(model)
-    assert not any(isinstance(b.attn2.processor, cross_attention.ChunkedCrossAttention) for b in model.blocks)
 
 
 def test_block_halves_equal_the_block(expert: WanTransformer3DModel) -> None:

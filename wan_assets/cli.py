@@ -70,6 +70,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     workdir, job = _load(args)
     if args.experts is not None:
         job = with_experts(job, EXPERTS if args.experts == "both" else (args.experts,))
+    # Read by the CUDA allocator when it starts (first CUDA use, below): growing segments in place
+    # instead of caching fixed ones keeps fragmentation from pushing a near-full card (memory mode on
+    # 24 GB) out of memory. A user's own setting wins.
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     dist = init_from_env()  # torchrun: one process per GPU
     options = {"resume_run": args.resume, "restart_on_new_data": args.restart_on_new_data, "dist": dist}
     try:

@@ -7,8 +7,6 @@
 - frozen base linears: fp8 compute (`train.fp8_compute`, Float8FrozenLinear; it pays under compile,
   where the quantization fuses) and/or weight-only storage (`model.quantize`: fp8 or int8; torchao's
   int4 has no backward), quantized block by block on the device.
-- text cross-attention: the video tokens go to SDPA as a batch of chunks, which parallelizes its
-  backward over the 512 text keys (cross_attention.py).
 - activations, per transformer block (`train.gradient_checkpointing`): false keeps all; true
   recomputes the whole block in backward; "selective" keeps the self-attention output (the
   costliest op to recompute, one token x dim tensor) and, under compile on a GPU, also the matmul
@@ -34,7 +32,7 @@ import torch
 from peft.tuners.lora.layer import LoraLayer
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
-from wan_assets.core import block_parts, cross_attention, quantize
+from wan_assets.core import block_parts, quantize
 from wan_assets.core.config import ModelConfig, TrainConfig
 from wan_assets.core.memory_plan import MatmulPlanner
 from wan_assets.core.offload import ActivationOffloader, offloaded_block
@@ -68,7 +66,6 @@ def apply_training_options(
     for module in transformer.modules():
         if isinstance(module, LoraLayer):
             module.cast_input_dtype_enabled = False
-    cross_attention.install(transformer)
     home = torch.device("cpu") if train.offload_inactive_expert or model_cfg.low_vram else device
     fp8_linears = _place_and_quantize(transformer, train, kind, device, home)
     mode = _checkpoint_mode(train)
@@ -108,7 +105,6 @@ def clear_training_options(transformer: torch.nn.Module) -> None:
     transformer._wan_perf_hooks = []
     transformer.disable_gradient_checkpointing()
     transformer.wan_matmul_blocks = None
-    cross_attention.remove(transformer)
     for block in transformer.blocks:
         original = getattr(type(block), "_wan_original_class", None)
         if original is not None:
