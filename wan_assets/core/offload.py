@@ -1,10 +1,11 @@
 """Activation offload (DESIGN 10, memory mode): block inputs wait in pinned CPU memory for backward.
 
-Each transformer block (as two halves: block_parts.py) runs without keeping activations; its input is
-copied to pinned host memory on a side stream while the next blocks compute. In backward the block's input comes back (the one
-before it is prefetched meanwhile), the block is recomputed with the forward's RNG and autocast
-state, and gradients flow to the input and to the block's trainable (LoRA) parameters. The GPU then
-holds no activations between forward and backward, whatever the number of blocks.
+Each transformer block runs, as two halves (block_parts.py), without keeping activations; each half's
+input is copied to pinned host memory on a side stream while the next halves compute. In backward a
+half's input comes back (the one before it is prefetched meanwhile), the half is recomputed with the
+forward's RNG and autocast state, and gradients flow to the input and to its trainable (LoRA)
+parameters. The GPU then holds no activations between forward and backward, whatever the number of
+blocks, and in backward one half's at a time.
 """
 
 from __future__ import annotations
