@@ -373,6 +373,12 @@ class ValidationConfig(_Model):
     num_samples: int = Field(default=1, ge=0)
 
 
+def offloads_inactive_expert(train: TrainConfig, model: ModelConfig) -> bool:
+    """Whether the expert not training waits in CPU memory (`train.offload_inactive_expert` or the
+    seed's `model.low_vram`)."""
+    return train.offload_inactive_expert or model.low_vram
+
+
 class ProcessConfig(_Model):
     INERT = frozenset({"device", "performance_log_every", "print_every", "low_vram"})
     type: Literal["diffusion_trainer", "sd_trainer", "ui_trainer"] = "diffusion_trainer"

@@ -33,7 +33,7 @@ from peft.tuners.lora.layer import LoraLayer
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from wan_assets.core import block_parts, quantize
-from wan_assets.core.config import ModelConfig, TrainConfig
+from wan_assets.core.config import ModelConfig, TrainConfig, offloads_inactive_expert
 from wan_assets.core.memory_plan import MatmulPlanner
 from wan_assets.core.offload import ActivationOffloader, offloaded_block
 
@@ -66,7 +66,7 @@ def apply_training_options(
     for module in transformer.modules():
         if isinstance(module, LoraLayer):
             module.cast_input_dtype_enabled = False
-    home = torch.device("cpu") if train.offload_inactive_expert or model_cfg.low_vram else device
+    home = torch.device("cpu") if offloads_inactive_expert(train, model_cfg) else device
     fp8_linears = _place_and_quantize(transformer, train, kind, device, home)
     mode = _checkpoint_mode(train)
     offloader = ActivationOffloader(device) if mode == "offload" else None

@@ -22,7 +22,7 @@ import torch
 from wan_assets.core.alpha_schedule import AlphaScheduler, Transition
 from wan_assets.core.batches import Batch, BatchStream, derive_seed
 from wan_assets.core.cache import index_path, load_index
-from wan_assets.core.config import JobConfig, dump_config
+from wan_assets.core.config import JobConfig, dump_config, offloads_inactive_expert
 from wan_assets.core.devices import pick_device
 from wan_assets.core.distributed import Dist
 from wan_assets.core.errors import TrainingError
@@ -164,7 +164,7 @@ def build_parts(
 
 
 def _offload(job: JobConfig) -> bool:
-    return job.process.train.offload_inactive_expert or job.process.model.low_vram
+    return offloads_inactive_expert(job.process.train, job.process.model)
 
 
 def activate(parts: TrainParts, expert: str) -> None:
