@@ -32,6 +32,7 @@ import statistics
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -292,18 +293,31 @@ def run_size(mode: str, size: str, model, params, initial, job, args, ref: dict,
 
     gc.collect()
     torch.cuda.empty_cache()
-    if args.memory_cap and mode.startswith("memory"):
-        # The allocator of a smaller card: anything above the cap is an out-of-memory error here.
-        total = torch.cuda.get_device_properties(device).total_memory
-        torch.cuda.set_per_process_memory_fraction(args.memory_cap * 2**30 / total, device)
-        result.note = f"run under a {args.memory_cap:g} GiB allocator cap"
+    cap_gib = args.memory_cap if mode.startswith("memory") else 0
+    with allocator_cap(cap_gib, device):
+        return run_steps(mode, size, model, params, args, ref, log, result, step, cap_gib)
+
+
+@contextmanager
+def allocator_cap(gib: float, device: torch.device):
+    """The allocator of a card with `gib` GiB (0: this card's): more is an out-of-memory error."""
+    if not gib:
+        yield
+        return
+    total = torch.cuda.get_device_properties(device).total_memory
+    torch.cuda.set_per_process_memory_fraction(gib * 2**30 / total, device)
     try:
-        return _run_steps(mode, size, model, params, job, args, ref, log, result, step, batch, tokens)
+        yield
     finally:
         torch.cuda.set_per_process_memory_fraction(1.0, device)
 
 
-def _run_steps(mode, size, model, params, job, args, ref, log, result, step, batch, tokens) -> Result:
+def run_steps(
+    mode, size, model, params, args, ref: dict, log, result: Result, step, cap_gib: float
+) -> Result:
+    """Warm-up and timed steps of one (mode, size), then the optional profile and snapshot steps."""
+    cap = f"run under a {cap_gib:g} GiB allocator cap" if cap_gib else ""
+    result.note = cap
     times, peaks, reserved, counts = [], [], [], []
     warmup = args.warmup if mode in PLANNED else min(args.warmup, 1)  # others: compile only
     for i in range(warmup + args.steps):
@@ -319,7 +333,7 @@ def _run_steps(mode, size, model, params, job, args, ref, log, result, step, bat
             f"  {mode:9s} {size:11s} step {i}: loss {loss} {seconds:.3f} s, {peak:.1f} GiB, matmul blocks {count}"
         )
         if loss is None and i >= warmup:
-            result.note = "timed step skipped (out of memory)"
+            result.note = "; ".join(filter(None, ["timed step skipped (out of memory)", cap]))
             return result
         if i == 0 and loss is not None:
             result.loss, result.first_step_s = loss, seconds
@@ -344,15 +358,15 @@ def _run_steps(mode, size, model, params, job, args, ref, log, result, step, bat
     result.s_per_step = statistics.median(times)
     result.peak_gib = max(peaks)
     result.reserved_gib = max(reserved)
-    result.mfu = 3 * forward_flops(tokens, args.layers) / result.s_per_step / peak_flops()
+    result.mfu = 3 * forward_flops(result.tokens, args.layers) / result.s_per_step / peak_flops()
     if mode == "reference":
         ref[size]["s"] = result.s_per_step
     elif size in ref and "s" in ref[size]:
         result.ratio = ref[size]["s"] / result.s_per_step
     if any(c is not None for c in counts):
         result.note = f"blocks keeping matmul outputs: {counts}"
-    if torch.cuda.max_memory_reserved() > 0 and result.note.startswith("run under"):
-        result.note += f"; reserved {result.reserved_gib:.1f} GiB"
+    if cap:
+        result.note = f"{cap}; reserved {result.reserved_gib:.1f} GiB"
     return result
 
 
@@ -371,11 +385,25 @@ def setup_mode(mode: str, model, job) -> str:
 # --- micro-benchmarks ------------------------------------------------------------------------------
 
 
+def attention_time(tokens: int, backend) -> float:
+    """Seconds for one A14B self-attention (40 heads x tokens x 128, bf16) forward + backward."""
+    from torch.nn.attention import sdpa_kernel
+
+    q = torch.randn(1, 40, tokens, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+
+    def run():
+        q.grad = None
+        torch.nn.functional.scaled_dot_product_attention(q, q, q).sum().backward()
+
+    with sdpa_kernel(backend):
+        return cuda_time(run, 3)
+
+
 def kernel_floor(size: str, layers: int, log) -> float:
     """Seconds per step for the frozen matmuls (forward + input gradient) and cuDNN self-attention
     (forward + backward) alone, each timed at this size's tokens: no LoRA, norms, recompute or
     optimizer. No bf16 step can beat it on this card; reference / floor bounds the speed ratio."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.nn.attention import SDPBackend
 
     dev, bf16 = torch.device("cuda"), torch.bfloat16
     tokens = tokens_of(size)
@@ -394,14 +422,7 @@ def kernel_floor(size: str, layers: int, log) -> float:
 
     per_layer = 6 * linear_time(x_d, d, d) + linear_time(x_d, d, f) + linear_time(x_f, f, d)
     del x_f
-    q = torch.randn(1, 40, tokens, 128, device=dev, dtype=bf16, requires_grad=True)
-    with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
-
-        def attention():
-            q.grad = None
-            torch.nn.functional.scaled_dot_product_attention(q, q, q).sum().backward()
-
-        attn = cuda_time(attention, 3)
+    attn = attention_time(tokens, SDPBackend.CUDNN_ATTENTION)
     floor = layers * (per_layer + attn)
     log(
         f"  floor {size}: matmuls {1000 * per_layer:.1f} ms + attention {1000 * attn:.1f} ms per layer "
@@ -507,7 +528,7 @@ def cuda_time(fn, reps: int = 5) -> float:
 
 def micro(log) -> dict:
     """Frozen linear fwd+bwd (bf16, torchao float8 rowwise, ours), SDPA kernels, int4 weight-only."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.nn.attention import SDPBackend
 
     from wan_assets.core.quantize import Float8FrozenLinear
 
@@ -546,17 +567,10 @@ def micro(log) -> dict:
                 out[f"linear_{name}{'_compiled' if compiled else ''}_tflops"] = round(flops / s / 1e12, 1)
             except Exception as exc:
                 out[f"linear_{name}{'_compiled' if compiled else ''}_error"] = repr(exc)[:300]
-    q = torch.randn(1, 40, 32760, 128, device=dev, dtype=torch.bfloat16, requires_grad=True)
     attn_flops = 4 * 32760 * 32760 * 128 * 40 * 3.5  # forward + backward (2.5x)
     for backend in (SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION):
         try:
-            with sdpa_kernel(backend):
-
-                def run():
-                    q.grad = None
-                    torch.nn.functional.scaled_dot_product_attention(q, q, q).sum().backward()
-
-                out[f"sdpa_{backend.name}_tflops"] = round(attn_flops / cuda_time(run, 3) / 1e12, 1)
+            out[f"sdpa_{backend.name}_tflops"] = round(attn_flops / attention_time(32760, backend) / 1e12, 1)
         except Exception as exc:
             out[f"sdpa_{backend.name}_error"] = repr(exc)[:200]
     try:
