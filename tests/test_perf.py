@@ -13,7 +13,7 @@ from diffusers import WanTransformer3DModel
 
 from wan_assets.core import block_parts, offload, perf
 from wan_assets.core.config import ModelConfig, NetworkConfig, TrainConfig, parse_config
-from wan_assets.core.lora import add_lora
+from wan_assets.core.lora import FusedLoraLinear, add_lora, fuse_lora_linears
 from wan_assets.core.memory_plan import GIB, MatmulPlanner
 from wan_assets.core.metrics_log import read_lines
 from wan_assets.core.quantize import Float8FrozenLinear
@@ -99,6 +99,8 @@ def test_selective_policy_keeps_self_attention_only() -> None:
     assert perf._save_attention(None, sdpa, q, torch.zeros(1, 2, 16, 8), q) == redo  # cross-attention
     assert perf._save_attention(None, torch.ops.aten.mm.default, q, q) == redo
     assert perf._save_attention_and_matmuls(None, torch.ops.aten.mm.default, q, q) == keep
+    assert perf._save_attention_and_matmuls(None, sdpa, q, torch.zeros(1, 2, 16, 8), q) == keep
+    assert perf._save_attention_and_matmuls(None, torch.ops.aten.mul.Tensor, q, q) == redo
 
 
 def test_compiled_blocks_match_eager(expert: WanTransformer3DModel, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -162,10 +164,40 @@ def test_offload_stores_the_input_of_each_block_half(expert: WanTransformer3DMod
     assert len(stored) == 2 * len(model.blocks)
 
 
-def test_lora_without_input_upcast_is_bit_identical(expert: WanTransformer3DModel) -> None:
-    # peft casts a bf16 input to the fp32 adapter's dtype; autocast casts it back before the matmul.
-    with_upcast = run(expert, torch.bfloat16, setup=False)
-    assert_same(run(expert, torch.bfloat16, gradient_checkpointing=False), with_upcast)
+def test_fused_lora_gives_peft_loss_and_gradients(expert: WanTransformer3DModel) -> None:
+    # setup=False: peft's own forward (fp32 up-cast of the input, B product, scaling, sum).
+    assert_same(run(expert, gradient_checkpointing=False), run(expert, setup=False), exact=False)
+    # bf16 autocast: the fused GEMM rounds the sum once instead of three times.
+    loss, grads = run(expert, torch.bfloat16, gradient_checkpointing=False)
+    peft_loss, peft_grads = run(expert, torch.bfloat16, setup=False)
+    assert abs(loss - peft_loss) / peft_loss < 1e-3
+    for g, ref in zip(grads, peft_grads, strict=True):
+        assert torch.nn.functional.cosine_similarity(g.flatten(), ref.flatten(), dim=0) > 0.999
+
+
+def test_fused_lora_linear_math_and_fallbacks() -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 8))
+    from peft import LoraConfig, inject_adapter_in_model
+
+    model = inject_adapter_in_model(LoraConfig(r=4, lora_alpha=2, target_modules=["0"]), model)
+    layer = model[0]
+    torch.nn.init.normal_(layer.lora_B["default"].weight)
+    x = torch.randn(3, 5, 16)
+    expected = layer(x)  # peft's forward
+    assert fuse_lora_linears(model) == 1 and isinstance(layer, FusedLoraLinear)
+    a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    manual = layer.base_layer(x) + 0.5 * (x @ a.t() @ b.t())
+    assert torch.allclose(layer(x), expected, atol=1e-6) and torch.allclose(layer(x), manual, atol=1e-6)
+    layer.enable_adapters(False)  # disabled adapters: the base layer alone, as in peft
+    assert torch.equal(layer(x), layer.base_layer(x))
+    layer.enable_adapters(True)
+    layer.merge()  # merged: the merged base alone
+    assert torch.allclose(layer(x), expected, atol=1e-5)
+    layer.unmerge()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fused = layer(x)
+    assert fused.dtype == torch.bfloat16 and (fused.float() - expected).abs().max() < 0.05
 
 
 @pytest.mark.parametrize("qtype", ["qint8", "qfloat8"])

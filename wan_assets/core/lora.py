@@ -16,6 +16,7 @@ import torch
 from diffusers import WanTransformer3DModel
 from peft import LoKrConfig, LoraConfig
 from peft.tuners.lokr.layer import LoKrLayer
+from peft.tuners.lora.layer import Linear as PeftLoraLinear
 from peft.tuners.lora.layer import LoraLayer
 from peft.tuners.tuners_utils import BaseTunerLayer
 from safetensors.torch import load_file
@@ -107,6 +108,51 @@ def add_lora(
     for param in params:
         param.requires_grad_(True)
     return params
+
+
+class FusedLoraLinear(PeftLoraLinear):
+    """peft's LoRA Linear with the adapter product added to the base output by one GEMM.
+
+    peft computes `base(x) + lora_B(lora_A(x)) * scale`: the B product, the scaling and the sum are
+    three full-size tensors. Here `addmm(base(x), lora_A(x), B^T, alpha=scale)` writes the sum from
+    the GEMM's epilogue (rounded once, in fp32 accumulation). Selective checkpointing then keeps
+    one output per linear instead of the base's and the B product's (perf.py). Anything but one
+    plain active adapter (merged, disabled, several adapters, DoRA and other variants, extra
+    arguments) takes peft's own forward.
+    """
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        adapters = self.active_adapters
+        if args or kwargs or self.disable_adapters or self.merged or len(adapters) != 1:
+            return super().forward(x, *args, **kwargs)
+        name = adapters[0]
+        if name not in self.lora_A or name in self.lora_variant:
+            return super().forward(x, *args, **kwargs)
+        result = self.base_layer(x)
+        low = self.lora_A[name](
+            self.lora_dropout[name](self._cast_input_dtype(x, self.lora_A[name].weight.dtype))
+        )
+        up = self.lora_B[name].weight
+        if not torch.is_autocast_enabled(result.device.type) and not result.dtype == low.dtype == up.dtype:
+            # Mixed dtypes without autocast: peft's arithmetic and promotion.
+            return (result + self.lora_B[name](low) * self.scaling[name]).to(result.dtype)
+        out = torch.addmm(
+            result.reshape(-1, result.shape[-1]),
+            low.reshape(-1, low.shape[-1]),
+            up.t(),
+            alpha=self.scaling[name],
+        )
+        return out.view(result.shape).to(result.dtype)
+
+
+def fuse_lora_linears(transformer: torch.nn.Module) -> int:
+    """Give every plain peft LoRA Linear the fused forward (same weights, names and files); how many."""
+    fused = 0
+    for module in transformer.modules():
+        if type(module) is PeftLoraLinear:
+            module.__class__ = FusedLoraLinear
+            fused += 1
+    return fused
 
 
 def _lora_config(network: NetworkConfig, modules: list[str]) -> LoraConfig:

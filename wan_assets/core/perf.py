@@ -3,15 +3,16 @@
 `apply_training_options` is the one entry point (`build_parts` calls it for every trained expert):
 - LoRA: peft up-casts each adapted linear's input to the adapter's fp32 before the adapter runs;
   under autocast the adapter matmul casts it straight back to bf16, so the up-cast only costs a
-  full-size copy per linear. It is switched off (bit-identical results under autocast).
+  full-size copy per linear. It is switched off (bit-identical results under autocast). The
+  adapter's up-projection adds into the base output inside one GEMM (lora.FusedLoraLinear).
 - frozen base linears: fp8 compute (`train.fp8_compute`, Float8FrozenLinear; it pays under compile,
   where the quantization fuses) and/or weight-only storage (`model.quantize`: fp8 or int8; torchao's
   int4 has no backward), quantized block by block on the device.
 - activations, per transformer block (`train.gradient_checkpointing`): false keeps all; true
   recomputes the whole block in backward; "selective" keeps the self-attention output (the
   costliest op to recompute, one token x dim tensor) and, under compile on a GPU, also the matmul
-  outputs backward reads in as many blocks as memory allows (measured: memory_plan.py),
-  recomputing the rest. `train.activation_offload` keeps the input of each block half (attention,
+  and cross-attention outputs backward reads in as many blocks as memory allows (measured:
+  memory_plan.py), recomputing the rest. `train.activation_offload` keeps the input of each block half (attention,
   feed-forward: block_parts.py) in pinned CPU memory (copied on a side stream) and recomputes the
   half from it in backward (offload.py).
 - `train.compile`: each block compiled on its own (regional: one graph reused by all 40 blocks),
@@ -34,6 +35,7 @@ from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selectiv
 
 from wan_assets.core import block_parts, quantize
 from wan_assets.core.config import ModelConfig, TrainConfig, offloads_inactive_expert
+from wan_assets.core.lora import fuse_lora_linears
 from wan_assets.core.memory_plan import MatmulPlanner
 from wan_assets.core.offload import ActivationOffloader, offloaded_block
 
@@ -66,6 +68,7 @@ def apply_training_options(
     for module in transformer.modules():
         if isinstance(module, LoraLayer):
             module.cast_input_dtype_enabled = False
+    fuse_lora_linears(transformer)
     home = torch.device("cpu") if offloads_inactive_expert(train, model_cfg) else device
     fp8_linears = _place_and_quantize(transformer, train, kind, device, home)
     mode = _checkpoint_mode(train)
@@ -257,9 +260,11 @@ def _save_attention(ctx, op, *args, **kwargs) -> CheckpointPolicy:
 
 
 def _save_attention_and_matmuls(ctx, op, *args, **kwargs) -> CheckpointPolicy:
-    if op in MATMUL_OPS:
+    # Under compile only what backward reads is kept: with the fused LoRA addmm, one output per
+    # linear (not the base's and the adapter's), the attention inputs and outputs.
+    if op in MATMUL_OPS or op in ATTENTION_OPS:
         return CheckpointPolicy.MUST_SAVE
-    return _save_attention(ctx, op, *args, **kwargs)
+    return CheckpointPolicy.PREFER_RECOMPUTE
 
 
 def _before_forward(module, args, kwargs, *, offloader, planner):
