@@ -221,7 +221,7 @@ def test_forced_transition_and_export_parity(
 
 
 def test_nonfinite_loss_skips_and_oom_gives_up(
-    tmp_path: Path, tiny_cache: Path, clips_dir: Path, tiny_model_dir: Path, monkeypatch
+    tmp_path: Path, tiny_cache: Path, clips_dir: Path, tiny_model_dir: Path, monkeypatch, caplog
 ) -> None:
     raw = job_raw(clips_dir, tiny_model_dir, tmp_path, steps=10)
     job = parse_config(raw, workdir=tiny_cache).job
@@ -247,7 +247,9 @@ def test_nonfinite_loss_skips_and_oom_gives_up(
         raise torch.OutOfMemoryError("simulated")
 
     monkeypatch.setattr(train_module, "forward_loss", oom)
-    assert train_step(parts, state, 1).skipped == "oom"
+    with caplog.at_level("WARNING", logger="wan_assets.core.train"):
+        assert train_step(parts, state, 1).skipped == "oom"
+    assert "step 1 (high_noise, bucket " in caplog.text and "simulated" in caplog.text  # what, where
     assert train_step(parts, state, 2).skipped == "oom"
     with pytest.raises(TrainingError, match="out of memory 3 times in a row"):
         train_step(parts, state, 3)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gc
 import hashlib
+import logging
 import shutil
 import time
 import uuid
@@ -37,6 +38,7 @@ from wan_assets.core.perf import apply_training_options
 from wan_assets.core.reporting import ConsoleReporter, QuietReporter, Reporter
 from wan_assets.core.run_files import RunFiles, load_state, save_state
 
+logger = logging.getLogger(__name__)
 MAX_CONSECUTIVE_OOM = 3
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
 DTYPES |= {"fp16": torch.float16, "float16": torch.float16}
@@ -227,10 +229,16 @@ def train_step(parts: TrainParts, state: TrainState, step: int) -> StepResult:
         loss, oom = None, False
         try:
             loss, t = forward_loss(parts, expert, batch, step, micro)
-            if torch.isfinite(loss):
-                (loss / train.gradient_accumulation).backward()
-        except torch.OutOfMemoryError:
-            oom = True
+            # No finiteness check here: it would wait for the forward to finish before backward is
+            # queued. A nonfinite loss gives nonfinite gradients, dropped below.
+            (loss / train.gradient_accumulation).backward()
+        except torch.OutOfMemoryError as error:
+            # Drop the graph (the forward's activations) now, before the out-of-memory handling
+            # empties the allocator's cache, not when this function returns.
+            oom, loss = True, None
+            logger.warning(
+                "step %d (%s, bucket %s): %s", step, expert, batch.bucket, str(error).split("\n")[0]
+            )
         # Every rank takes the same branch (these are collectives), so none waits forever.
         if dist.any_flag(oom):
             return _out_of_memory(parts, state, step, expert, batch)
