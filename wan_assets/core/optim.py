@@ -38,7 +38,13 @@ def build_optimizer(train: TrainConfig, params: dict[str, list[torch.nn.Paramete
 
 
 def _adamw(groups: list[dict[str, Any]], opt: OptimizerParams) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(groups, betas=opt.betas, eps=opt.eps, weight_decay=opt.weight_decay)
+    # Fused on CUDA: one multi-tensor kernel set for all of a LoRA's tensors instead of a dozen
+    # foreach passes, whose launches kept the GPU idle at every step's end. Elsewhere (CPU, or an
+    # expert parked on the CPU while inactive) torch picks its default.
+    on_cuda = all(p.is_cuda for g in groups for p in g["params"])
+    return torch.optim.AdamW(
+        groups, betas=opt.betas, eps=opt.eps, weight_decay=opt.weight_decay, fused=True if on_cuda else None
+    )
 
 
 def _adamw8bit(groups: list[dict[str, Any]], opt: OptimizerParams) -> torch.optim.Optimizer:
@@ -248,36 +254,51 @@ class GradientStability:
     """
 
     def __init__(self) -> None:
-        self._prev_signs: dict[str, list[Tensor]] = {}
+        self._prev_signs: dict[str, Tensor] = {}  # per expert: all its params' signs, one flat tensor
+        self._shapes: dict[str, list[torch.Size]] = {}
 
     def measure(self, expert: str, params: Sequence[Tensor]) -> float | None:
         """This step's sign agreement for `expert`; None on its first measured step."""
         check_expert(expert)
         assert params, "GradientStability.measure needs the expert's LoRA parameters"
-        signs = [_grad_sign(p) for p in params]
-        prev = self._prev_signs.get(expert)
-        self._prev_signs[expert] = signs
+        shapes, signs = [p.shape for p in params], _grad_signs(params)
+        prev, prev_shapes = self._prev_signs.get(expert), self._shapes.get(expert)
+        self._prev_signs[expert], self._shapes[expert] = signs, shapes
         if prev is None:
             return None
-        _check_same_layout(expert, prev, signs)
-        agree = sum((s == q.to(s.device)).sum() for s, q in zip(signs, prev, strict=True))
-        return float(agree) / sum(s.numel() for s in signs)
+        _check_same_layout(expert, prev_shapes, shapes)
+        return float((signs == prev.to(signs.device)).sum()) / signs.numel()
 
     def state_dict(self) -> dict[str, dict[str, list[Tensor]]]:
-        return {"prev_signs": {e: list(signs) for e, signs in self._prev_signs.items()}}
+        # One int8 tensor per param, as the checkpoint format has it (views of the flat signs).
+        return {
+            "prev_signs": {
+                e: [
+                    t.view(shape)
+                    for t, shape in zip(
+                        flat.split([s.numel() for s in self._shapes[e]]), self._shapes[e], strict=True
+                    )
+                ]
+                for e, flat in self._prev_signs.items()
+            }
+        }
 
     def load_state_dict(self, state: dict[str, dict[str, list[Tensor]]]) -> None:
-        self._prev_signs = {check_expert(e): list(signs) for e, signs in state["prev_signs"].items()}
+        self._prev_signs, self._shapes = {}, {}
+        for expert, signs in state["prev_signs"].items():
+            self._prev_signs[check_expert(expert)] = torch.cat([s.reshape(-1) for s in signs])
+            self._shapes[expert] = [s.shape for s in signs]
 
 
-def _grad_sign(p: Tensor) -> Tensor:
-    if p.grad is None:
-        return torch.zeros(p.shape, dtype=torch.int8, device=p.device)
-    return torch.sign(p.grad).to(torch.int8)
+def _grad_signs(params: Sequence[Tensor]) -> Tensor:
+    """All grads' signs as one flat int8 tensor: a few kernels, not several per param (a LoRA on 40
+    blocks has 800), which kept the GPU waiting for their launches at every step's end."""
+    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
+    return flat.sign_().to(torch.int8)
 
 
-def _check_same_layout(expert: str, prev: list[Tensor], signs: list[Tensor]) -> None:
-    if [s.shape for s in prev] != [s.shape for s in signs]:
+def _check_same_layout(expert: str, prev: list[torch.Size], shapes: list[torch.Size]) -> None:
+    if prev != shapes:
         raise ValueError(
             f"gradient stability for {expert}: the parameters changed shape or number since its previous "
             "step (a resume with a different LoRA rank or module filter?); start a new run for a new layout"
