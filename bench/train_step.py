@@ -15,10 +15,11 @@ speed ratio against the reference, the first step's loss difference and the cosi
 first step's LoRA gradients and the reference's. Modes run in the order above: each changes the
 model in place (memory and fp8 quantize it).
 
-  python bench/train_step.py --floor --mode-sizes "memory=512x512x81"   # the table (~12 min, H100)
+  python bench/train_step.py --floor --mode-sizes "memory=512x512x81"   # the table (~12 min)
   python bench/train_step.py --sizes 512x512x33 --layers 2               # smoke test
---floor adds the matmul + attention floor per size (bounds any bf16 speed ratio), --memory-cap the
-allocator of a smaller card, --profile / --memory-snapshot where a mode's time and memory go. See
+--floor adds the matmul + attention floor per size (bounds any bf16 speed ratio) and the attention
+backends, --memory-cap the allocator of a smaller card, --profile / --memory-snapshot where a mode's
+time (GPU idle included) and memory go. See
 bench/README.md for the device-box command lines and the results.
 """
 
@@ -35,6 +36,9 @@ import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+# The allocator setting `wan-assets train` runs with (cli.py), unless set; read when CUDA starts.
+os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 
 import torch
 import yaml
@@ -385,18 +389,55 @@ def setup_mode(mode: str, model, job) -> str:
 # --- micro-benchmarks ------------------------------------------------------------------------------
 
 
-def attention_time(tokens: int, backend) -> float:
-    """Seconds for one A14B self-attention (40 heads x tokens x 128, bf16) forward + backward."""
+def attention_time(tokens: int, backend, keys: int | None = None, layout: str = "bhld") -> float | None:
+    """Seconds for one A14B attention (40 heads x tokens x 128, bf16) forward + backward over `keys`
+    keys (default: self-attention). layout "blhd" hands SDPA transposed views of (batch, tokens,
+    heads, dim) tensors, as diffusers' native dispatcher does. None: the backend cannot run it."""
     from torch.nn.attention import sdpa_kernel
 
-    q = torch.randn(1, 40, tokens, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    def make(n: int) -> torch.Tensor:
+        shape = (1, 40, n, 128) if layout == "bhld" else (1, n, 40, 128)
+        return torch.randn(shape, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+
+    q = make(tokens)
+    kv = q if keys is None else make(keys)
+
+    def view(t: torch.Tensor) -> torch.Tensor:
+        return t if layout == "bhld" else t.transpose(1, 2)
 
     def run():
-        q.grad = None
-        torch.nn.functional.scaled_dot_product_attention(q, q, q).sum().backward()
+        q.grad = kv.grad = None
+        torch.nn.functional.scaled_dot_product_attention(view(q), view(kv), view(kv)).sum().backward()
 
-    with sdpa_kernel(backend):
-        return cuda_time(run, 3)
+    try:
+        if backend is None:
+            return cuda_time(run, 3)
+        with sdpa_kernel(backend):
+            return cuda_time(run, 3)
+    except RuntimeError:
+        return None
+
+
+def attention_backends(tokens: int, log) -> dict:
+    """Self- and text cross-attention (512 keys) per SDPA backend, in diffusers' layout: which
+    kernel the step should use for each."""
+    from torch.nn.attention import SDPBackend
+
+    backends = {
+        "default": None,
+        "cudnn": SDPBackend.CUDNN_ATTENTION,
+        "flash": SDPBackend.FLASH_ATTENTION,
+        "efficient": SDPBackend.EFFICIENT_ATTENTION,
+    }
+    out = {}
+    for kind, keys in (("self", None), ("cross", TEXT_TOKENS)):
+        times = {name: attention_time(tokens, b, keys, layout="blhd") for name, b in backends.items()}
+        out[kind] = times
+        log(
+            f"  {kind}-attention at {tokens} tokens, fwd+bwd per layer: "
+            + ", ".join(f"{n} {'-' if t is None else f'{1000 * t:.2f} ms'}" for n, t in times.items())
+        )
+    return out
 
 
 def kernel_floor(size: str, layers: int, log) -> float:
@@ -424,6 +465,7 @@ def kernel_floor(size: str, layers: int, log) -> float:
     del x_f
     attn = attention_time(tokens, SDPBackend.CUDNN_ATTENTION)
     floor = layers * (per_layer + attn)
+    attention_backends(tokens, log)
     log(
         f"  floor {size}: matmuls {1000 * per_layer:.1f} ms + attention {1000 * attn:.1f} ms per layer "
         f"-> {floor:.2f} s/step for {layers} layers"
@@ -432,31 +474,106 @@ def kernel_floor(size: str, layers: int, log) -> float:
 
 
 def profile_step(run, log, top: int = 14) -> dict:
-    """One step under the profiler: GPU time by kernel family and the costliest kernels."""
+    """One step under the profiler: GPU time by kernel family, the costliest kernels, the host
+    operations that launched the most GPU time, and where the GPU sat idle (idle_gaps)."""
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    began = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         run()
         torch.cuda.synchronize()
-    kernels = [e for e in prof.key_averages() if e.self_device_time_total > 0]
+    wall_ms = 1000 * (time.perf_counter() - began)
+    with tempfile.TemporaryDirectory() as tmp:
+        trace = Path(tmp) / "trace.json"
+        prof.export_chrome_trace(str(trace))
+        events = json.loads(trace.read_text())["traceEvents"]
+    gpu = [e for e in events if e.get("ph") == "X" and e.get("cat") in GPU_EVENT_KINDS]
+    per_kernel: dict[str, list[float]] = {}
+    for e in gpu:
+        calls_ms = per_kernel.setdefault(e["name"], [0, 0.0])
+        calls_ms[0] += 1
+        calls_ms[1] += e.get("dur", 0) / 1000
     families: dict[str, float] = {}
-    for e in kernels:
-        families[_kernel_family(e.key)] = families.get(_kernel_family(e.key), 0.0) + e.self_device_time_total
+    for name, (_, ms) in per_kernel.items():
+        families[_kernel_family(name)] = families.get(_kernel_family(name), 0.0) + ms
     total = sum(families.values())
-    out = {"total_ms": total / 1000, "families_ms": {k: v / 1000 for k, v in families.items()}, "top": []}
+    out = {"total_ms": total, "families_ms": families, "top": [], "ops": []}
     log(
-        f"  profile: {total / 1000:.0f} ms of kernels; "
+        f"  profile: {total:.0f} ms of kernels; "
         + ", ".join(
-            f"{k} {v / 1000:.0f} ms ({100 * v / total:.0f}%)"
+            f"{k} {v:.0f} ms ({100 * v / total:.0f}%)"
             for k, v in sorted(families.items(), key=lambda kv: -kv[1])
         )
     )
-    for e in sorted(kernels, key=lambda e: -e.self_device_time_total)[:top]:
-        row = {"kernel": e.key[:110], "calls": e.count, "ms": e.self_device_time_total / 1000}
-        out["top"].append(row)
-        log(f"    {row['ms']:8.1f} ms {row['calls']:6d}x  {row['kernel']}")
+    for name, (calls, ms) in sorted(per_kernel.items(), key=lambda kv: -kv[1][1])[:top]:
+        out["top"].append({"kernel": name[:110], "calls": calls, "ms": ms})
+        log(f"    {ms:8.1f} ms {calls:6d}x  {name[:110]}")
+    # Host operations by the GPU time of what they launched themselves (inside compiled graphs:
+    # the extern calls, e.g. aten::mm; the generated Triton kernels appear under their own names).
+    ops = [e for e in prof.key_averages() if e.device_type == DeviceType.CPU and e.self_device_time_total > 0]
+    log("  host operations by the GPU time they launched:")
+    for e in sorted(ops, key=lambda e: -e.self_device_time_total)[:top]:
+        row = {"op": e.key[:90], "calls": e.count, "ms": e.self_device_time_total / 1000}
+        out["ops"].append(row)
+        log(f"    {row['ms']:8.1f} ms {row['calls']:6d}x  {row['op']}")
+    out["idle"] = idle_gaps(gpu, events, wall_ms, log)
     return out
+
+
+GPU_EVENT_KINDS = ("kernel", "gpu_memcpy", "gpu_memset")
+
+
+def idle_gaps(gpu: list[dict], events: list[dict], wall_ms: float, log, top: int = 8) -> dict:
+    """GPU idle time in a profiled step: the union of GPU work intervals against their span, and the
+    longest gaps with the host-side operations that overlap them most (what the GPU waited for)."""
+    spans = sorted((e["ts"], e["ts"] + e.get("dur", 0)) for e in gpu)
+    if not spans:
+        return {}
+    busy, gaps, (start, end) = 0.0, [], spans[0]
+    for a, b in spans[1:]:
+        if a > end:
+            busy += end - start
+            gaps.append((end, a))
+            start, end = a, b
+        else:
+            end = max(end, b)
+    busy += end - start
+    first, last = spans[0][0], max(b for _, b in spans)
+    host = [
+        e
+        for e in events
+        if e.get("ph") == "X"
+        and e.get("cat") in ("cpu_op", "cuda_runtime", "user_annotation", "python_function")
+    ]
+    rows = []
+    for a, b in sorted(gaps, key=lambda g: g[0] - g[1])[:top]:
+        overlaps: dict[str, float] = {}
+        for e in host:
+            o = min(b, e["ts"] + e.get("dur", 0)) - max(a, e["ts"])
+            if o > 0.5 * (b - a) and not e["name"].startswith("ProfilerStep"):
+                overlaps[e["name"]] = max(overlaps.get(e["name"], 0.0), e.get("dur", 0))
+        # Innermost first: the shortest operations that still cover the gap say what the host was in.
+        names = [n[:60] for n, _ in sorted(overlaps.items(), key=lambda kv: kv[1])[:4]]
+        rows.append({"at_ms": (a - first) / 1000, "ms": (b - a) / 1000, "host": names})
+    idle = {
+        "span_ms": (last - first) / 1000,
+        "busy_ms": busy / 1000,
+        "idle_ms": (last - first - busy) / 1000,
+        "wall_ms": wall_ms,
+        "gaps_over_1ms": sum(1 for a, b in gaps if b - a > 1000),
+        "longest": rows,
+    }
+    log(
+        f"  idle: GPU busy {idle['busy_ms']:.0f} of {idle['span_ms']:.0f} ms between first and last kernel "
+        f"(step wall {wall_ms:.0f} ms under the profiler); {idle['gaps_over_1ms']} gaps over 1 ms"
+    )
+    for row in rows:
+        log(
+            f"    gap {row['ms']:7.2f} ms at {row['at_ms']:8.1f} ms; host in: {' < '.join(row['host']) or '?'}"
+        )
+    return idle
 
 
 def _kernel_family(name: str) -> str:
