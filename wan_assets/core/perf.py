@@ -12,9 +12,9 @@
   recomputes the whole block in backward; "selective" keeps the self-attention output (the
   costliest op to recompute, one token x dim tensor) and, under compile on a GPU, also the matmul
   and cross-attention outputs backward reads in as many blocks as memory allows (measured:
-  memory_plan.py), recomputing the rest. `train.activation_offload` keeps the input of each block half (attention,
-  feed-forward: block_parts.py) in pinned CPU memory (copied on a side stream) and recomputes the
-  half from it in backward (offload.py).
+  memory_plan.py), recomputing the rest. `train.activation_offload` keeps the input of each block
+  half (attention, feed-forward: block_parts.py) in pinned CPU memory (copied on a side stream) and
+  recomputes the half from it in backward (offload.py).
 - `train.compile`: each block compiled on its own (regional: one graph reused by all 40 blocks),
   static shapes, one compile per bucket shape (and per LoRA scale: an alpha phase change
   recompiles once).
