@@ -512,7 +512,12 @@ def profile_step(run, log, top: int = 14) -> dict:
         log(f"    {ms:8.1f} ms {calls:6d}x  {name[:110]}")
     # Host operations by the GPU time of what they launched themselves (inside compiled graphs:
     # the extern calls, e.g. aten::mm; the generated Triton kernels appear under their own names).
-    ops = [e for e in prof.key_averages() if e.device_type == DeviceType.CPU and e.self_device_time_total > 0]
+    # "Command Buffer Full" marks the host blocked on a full launch queue (the GPU was busy), not work.
+    ops = [
+        e
+        for e in prof.key_averages()
+        if e.device_type == DeviceType.CPU and e.self_device_time_total > 0 and e.key != "Command Buffer Full"
+    ]
     log("  host operations by the GPU time they launched:")
     for e in sorted(ops, key=lambda e: -e.self_device_time_total)[:top]:
         row = {"op": e.key[:90], "calls": e.count, "ms": e.self_device_time_total / 1000}
