@@ -126,6 +126,10 @@ class SaveConfig(_Model):
     save_every: int = Field(default=250, gt=0)
     max_step_saves_to_keep: int = Field(default=4, ge=1)
 
+    def should_save(self, step: int, *, final: bool) -> bool:
+        """A checkpoint after `step` optimizer steps: every `save_every`, and at the end."""
+        return final or step % self.save_every == 0
+
 
 class LoggingConfig(_Model):
     INERT = frozenset({"use_wandb", "verbose", "project_name", "run_name"})
@@ -155,6 +159,10 @@ class SampleConfig(_Model):
 
     def all_prompts(self) -> list[SamplePrompt]:
         return [*self.samples, *(SamplePrompt(prompt=p) for p in self.prompts)]
+
+    def should_sample(self, step: int, *, final: bool) -> bool:
+        """Samples after `step` optimizer steps: every `sample_every`, and at the end."""
+        return bool(self.all_prompts()) and (final or step % self.sample_every == 0)
 
 
 # --- datasets --------------------------------------------------------------------------------------

@@ -23,9 +23,9 @@ from wan_assets.core.experts import timestep_window
 from wan_assets.core.files import atomic_output, write_json
 from wan_assets.core.lora import add_lora, load_lora_into
 from wan_assets.core.model import load_wan_model
+from wan_assets.core.precision import DTYPES
 from wan_assets.core.run_files import RunFiles
 from wan_assets.core.sampling import generate, sampling_pipeline
-from wan_assets.core.train import DTYPES
 from wan_assets.core.video_io import read_frames, write_video
 
 BASE = "base"

@@ -7,22 +7,20 @@ First frames come from `ctrl_img` when it exists, else from a held-out clip of t
 from __future__ import annotations
 
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from diffusers import WanImageToVideoPipeline
 from PIL import Image
 
+from wan_assets.core.cache import LatentIndex
 from wan_assets.core.captions import apply_trigger
-from wan_assets.core.config import SampleConfig
+from wan_assets.core.config import JobConfig, SampleConfig
 from wan_assets.core.model import WanComponents, load_wan_model
+from wan_assets.core.precision import autocast_forward
 from wan_assets.core.video_io import read_frames, write_video
-
-if TYPE_CHECKING:
-    from wan_assets.core.cache import LatentIndex
-    from wan_assets.core.train import TrainParts
 
 
 def first_frame(index: LatentIndex) -> Image.Image:
@@ -80,37 +78,85 @@ def load_sampling_extras(model_path: str, trained: tuple[str, ...], dtype: torch
 
 
 @contextmanager
-def on_device(pipe: WanImageToVideoPipeline, device: torch.device):
-    modules = [pipe.text_encoder, pipe.vae, pipe.transformer, pipe.transformer_2]
+def on_device(pipe: WanImageToVideoPipeline, device: torch.device, *, take_turns: bool = False):
+    """The pipeline's models on `device` while inside, then back where they were, in train/eval mode
+    as they were.
+
+    `take_turns` (training that offloads the inactive expert): the text encoder and the two experts
+    share the device one at a time, each moved in by a pre-forward hook when the pipeline calls it,
+    so sampling needs no more memory than training's one expert. The VAE (small) stays.
+    """
+    turns = [pipe.text_encoder, pipe.transformer, pipe.transformer_2]
+    modules = [pipe.vae, *turns]
     homes = [next(m.parameters()).device for m in modules]
     training = [m.training for m in modules]
+    hooks = []
     for m in modules:
-        m.to(device).eval()
+        m.eval()
+        if not take_turns or m is pipe.vae:
+            m.to(device)
+    if take_turns:
+
+        def take_turn(module, args):
+            for other in turns:
+                if other is not module:
+                    other.to("cpu")
+            module.to(device)
+
+        hooks = [m.register_forward_pre_hook(take_turn) for m in turns]
     try:
         yield pipe
     finally:
+        for hook in hooks:
+            hook.remove()
         for m, home, was_training in zip(modules, homes, training, strict=True):
             m.to(home).train(was_training)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
 
 
-def write_training_samples(parts: TrainParts, step: int) -> list[Path]:
-    job = parts.job
-    sample = job.process.sample
-    assert sample is not None
-    if parts.sampling_extras is None:
-        parts.sampling_extras = load_sampling_extras(
-            job.process.model.name_or_path, job.experts, parts.compute_dtype
-        )
-    experts = {e: parts.model.expert(e) for e in job.experts}
-    pipe = sampling_pipeline(experts, parts.sampling_extras)
-    pipe.set_progress_bar_config(disable=True)
-    fallback = first_frame(parts.stream.index)
-    written = []
-    with on_device(pipe, parts.device):
-        for i, prompt in enumerate(sample.all_prompts()):
-            image = load_image(prompt.ctrl_img, fallback)
-            text = apply_trigger(prompt.prompt, job.process.trigger_word)
-            seed = prompt.seed if prompt.seed is not None else sample.seed + i
-            frames = generate(pipe, image, text, sample, seed)
-            written.append(write_video(parts.files.samples / f"{step:09d}_{i}.mp4", frames, sample.fps))
-    return written
+@dataclass
+class TrainingSampler:
+    """Sample videos during training (`sample:` of the job), with the experts being trained.
+
+    It owns its own "when" (`due`) and loads what training does not hold (VAE, text encoder, an
+    untrained expert) on its first use. Sampling leaves the training state as it was: the models'
+    devices and modes, the adapters' weights and scales, and the global RNG (every draw here comes
+    from its own generator); training reseeds its own draws every step.
+    """
+
+    job: JobConfig
+    index: LatentIndex  # held-out first frames when a prompt has no ctrl_img
+    out_dir: Path
+    device: torch.device
+    dtype: torch.dtype
+    take_turns: bool = False  # see on_device
+    extras: WanComponents | None = None
+
+    def due(self, step: int, *, final: bool) -> bool:
+        sample = self.job.process.sample
+        return sample is not None and sample.should_sample(step, final=final)
+
+    def write(self, experts: dict[str, torch.nn.Module], step: int) -> list[Path]:
+        """One mp4 per prompt at `step`, `<step:09d>_<i>.mp4` under `out_dir`."""
+        sample = self.job.process.sample
+        assert sample is not None
+        if self.extras is None:
+            self.extras = load_sampling_extras(
+                self.job.process.model.name_or_path, tuple(experts), self.dtype
+            )
+        pipe = sampling_pipeline(experts, self.extras)
+        pipe.set_progress_bar_config(disable=True)
+        fallback = first_frame(self.index)
+        written = []
+        with (
+            on_device(pipe, self.device, take_turns=self.take_turns),
+            autocast_forward(experts.values(), self.device, self.dtype),
+        ):
+            for i, prompt in enumerate(sample.all_prompts()):
+                image = load_image(prompt.ctrl_img, fallback)
+                text = apply_trigger(prompt.prompt, self.job.process.trigger_word)
+                seed = prompt.seed if prompt.seed is not None else sample.seed + i
+                frames = generate(pipe, image, text, sample, seed)
+                written.append(write_video(self.out_dir / f"{step:09d}_{i}.mp4", frames, sample.fps))
+        return written

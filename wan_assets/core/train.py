@@ -35,13 +35,13 @@ from wan_assets.core.metrics_log import MetricsLog, truncate
 from wan_assets.core.model import WanComponents, load_wan_model
 from wan_assets.core.optim import GradientStability, build_optimizer, clip_grad_norm, group_lr
 from wan_assets.core.perf import apply_training_options
+from wan_assets.core.precision import DTYPES, autocast
 from wan_assets.core.reporting import ConsoleReporter, QuietReporter, Reporter
 from wan_assets.core.run_files import RunFiles, load_state, save_state
+from wan_assets.core.sampling import TrainingSampler
 
 logger = logging.getLogger(__name__)
 MAX_CONSECUTIVE_OOM = 3
-DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
-DTYPES |= {"fp16": torch.float16, "float16": torch.float16}
 
 
 @dataclass
@@ -58,8 +58,7 @@ class TrainParts:
     compute_dtype: torch.dtype
     index_hash: str  # the latent index trained on: a checkpoint resumes only on the same data
     dist: Dist = field(default_factory=Dist)
-    # VAE, text encoder and untrained expert, loaded on the first sample.
-    sampling_extras: WanComponents | None = None
+    sampler: TrainingSampler | None = None  # rank 0 only, when the job has `sample:`
 
     @property
     def experts(self) -> tuple[str, ...]:
@@ -143,8 +142,9 @@ def build_parts(
     for expert in job.experts:
         set_lora_scale(model.expert(expert), scheduler.alpha(expert), expert)
     index_hash = hashlib.sha256(index_file.read_bytes()).hexdigest()[:16]
+    index = load_index(index_file)
     stream = BatchStream(
-        load_index(index_file),
+        index,
         batch_size=train.batch_size * dist.world_size,  # batch_size is per process, as in ai-toolkit
         seed=train.seed,
         caption_dropout=max(d.caption_dropout_rate for d in job.process.datasets),
@@ -162,6 +162,15 @@ def build_parts(
         compute_dtype=compute_dtype,
         index_hash=index_hash,
         dist=dist,
+        sampler=_sampler(job, index, device, compute_dtype) if dist.is_main else None,
+    )
+
+
+def _sampler(job: JobConfig, index, device: torch.device, dtype: torch.dtype) -> TrainingSampler | None:
+    if job.process.sample is None:
+        return None
+    return TrainingSampler(
+        job, index, RunFiles.of(job).samples, device, dtype, take_turns=_offload(job) and device.type != "cpu"
     )
 
 
@@ -208,7 +217,7 @@ def forward_loss(
     x_t, target = noisy_input(batch.latents[index], torch.stack(noises), t)
     device, dtype = parts.device, parts.compute_dtype
     hidden = torch.cat([x_t, batch.condition[index]], dim=1).to(device, dtype)  # [b, 36, F', h, w]
-    with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+    with autocast(device, dtype):
         pred = parts.model.expert(expert)(
             hidden_states=hidden,
             timestep=t.to(device),
@@ -470,7 +479,8 @@ def train(
     try:
         while state.step < end:
             result.transitions += _one_step(parts, state, log, reporter)
-            _maybe_checkpoint(parts, state, reporter, result, final=state.step == total)
+            _maybe_checkpoint(parts, state, reporter, final=state.step == total)
+            _maybe_sample(parts, state, reporter, result, final=state.step == total)
     finally:
         if log is not None:
             log.close()
@@ -506,24 +516,19 @@ def _one_step(
     return []
 
 
-def _maybe_checkpoint(
-    parts: TrainParts, state: TrainState, reporter: Reporter, result: TrainResult, *, final: bool
-) -> None:
-    job = parts.job
-    if final or state.step % job.process.save.save_every == 0:
+def _maybe_checkpoint(parts: TrainParts, state: TrainState, reporter: Reporter, *, final: bool) -> None:
+    if parts.job.process.save.should_save(state.step, final=final):
         if parts.dist.is_main:
             reporter.on_checkpoint(state.step, save_checkpoint(parts, state))
         parts.dist.barrier()  # no rank runs ahead of a checkpoint it might resume from
-    sample = job.process.sample
-    if (
-        parts.dist.is_main
-        and sample is not None
-        and sample.all_prompts()
-        and (final or state.step % sample.sample_every == 0)
-    ):
-        from wan_assets.core.sampling import write_training_samples
 
-        result.samples += write_training_samples(parts, state.step)
-        reporter.log(
-            f"samples at step {state.step}: {', '.join(str(p) for p in result.samples[-len(sample.all_prompts()) :])}"
-        )
+
+def _maybe_sample(
+    parts: TrainParts, state: TrainState, reporter: Reporter, result: TrainResult, *, final: bool
+) -> None:
+    sampler = parts.sampler
+    if sampler is None or not sampler.due(state.step, final=final):
+        return
+    written = sampler.write({e: parts.model.expert(e) for e in parts.experts}, state.step)
+    result.samples += written
+    reporter.log(f"samples at step {state.step}: {', '.join(str(p) for p in written)}")
