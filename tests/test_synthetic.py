@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import pickle
 from pathlib import Path
 
@@ -36,12 +35,15 @@ def _clip(name: str) -> SampleClip:
     return next(clip for clip in SAMPLE_CLIPS if clip.name == name)
 
 
-def _sha256_tree(root: Path) -> dict[str, str]:
-    return {
-        str(path.relative_to(root)): hashlib.sha256(path.read_bytes()).hexdigest()
-        for path in sorted(root.rglob("*"))
-        if path.is_file()
-    }
+def _decoded_tree(root: Path) -> dict[str, np.ndarray]:
+    """Every file under `root`: a clip as its decoded frames, any other file as its bytes."""
+    out = {}
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        if path.suffix == ".mp4":
+            out[str(path.relative_to(root))] = read_frames(path, list(range(probe_video(path).num_frames)))
+        else:
+            out[str(path.relative_to(root))] = np.frombuffer(path.read_bytes(), dtype=np.uint8)
+    return out
 
 
 def _mean_abs_error(a: np.ndarray, b: np.ndarray) -> float:
@@ -100,15 +102,18 @@ def test_probe_full_decode_counts_every_frame(clips_dir: Path) -> None:
     assert probe_video(clips_dir / f"{clip.name}.mp4", full_decode=True).num_frames == clip.num_frames
 
 
-def test_same_seed_same_bytes_other_seed_other_pixels(tmp_path: Path) -> None:
+def test_same_seed_same_pixels_other_seed_other_pixels(tmp_path: Path) -> None:
+    # Decoded pixels are the promise, not bytes: libx264 in some PyAV builds (av 18.1) writes
+    # different bitstreams for the same frames from one process to the next.
     paths = write_sample_videos(tmp_path / "a", seed=3)
     assert paths == sorted(paths) and len(paths) == len(SAMPLE_CLIPS)
     write_sample_videos(tmp_path / "b", seed=3)
     write_sample_videos(tmp_path / "c", seed=4)
-    hashes_a, hashes_b, hashes_c = (_sha256_tree(tmp_path / name) for name in "abc")
-    assert hashes_a == hashes_b
-    assert hashes_a.keys() == hashes_c.keys()
-    changed = {name for name in hashes_a if hashes_a[name] != hashes_c[name]}
+    contents = [_decoded_tree(tmp_path / name) for name in "abc"]
+    assert contents[0].keys() == contents[1].keys() == contents[2].keys()
+    for name, value in contents[0].items():
+        np.testing.assert_array_equal(value, contents[1][name], err_msg=name)
+    changed = {name for name, value in contents[0].items() if not np.array_equal(value, contents[2][name])}
     assert changed and all(name.endswith(".mp4") for name in changed)  # captions do not depend on the seed
 
 

@@ -17,9 +17,9 @@ CLIP_EXTENSIONS = (".mp4", ".mov", ".mkv", ".webm", ".avi", ".m4v")
 
 # Visually lossless for x264; generated samples are small, so quality wins over bytes.
 _CRF = 18
-# Same frames -> same bytes, so content-addressed caches and tests can compare hashes: bit-exact
-# muxing drops the FFmpeg version tag; x264 is deterministic by default, and one thread keeps it
-# so whatever the machine's core count (its own version string in the stream still differs by build).
+# Bit-exact muxing drops the FFmpeg version tag and one encoder thread keeps the output independent
+# of the core count; still, some libx264 builds (PyAV 18.1's) give other bytes for the same frames
+# from one run to the next, so what is promised is the decoded pixels, not the bytes.
 _ENCODER_OPTIONS = {"crf": str(_CRF), "threads": "1"}
 _MUXER_OPTIONS = {"fflags": "+bitexact"}
 
@@ -117,7 +117,7 @@ def read_frames(path: Path | str, indices: Sequence[int]) -> np.ndarray:
 
 def write_video(path: Path | str, frames_fhwc: np.ndarray, fps: float | Fraction) -> Path:
     """Write uint8 RGB frames (F x H x W x 3, H and W even) as an H.264 yuv420p mp4, atomically.
-    The same frames and fps always give the same bytes."""
+    The same frames and fps always decode to the same pixels."""
     path = Path(path)
     _check_frames(frames_fhwc)
     _, height, width, _ = frames_fhwc.shape
