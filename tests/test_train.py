@@ -178,7 +178,9 @@ def _outputs(model, generator_seed: int = 0) -> torch.Tensor:
 def test_forced_transition_and_export_parity(
     tmp_path: Path, tiny_cache: Path, clips_dir: Path, tiny_model_dir: Path
 ) -> None:
-    raw = job_raw(clips_dir, tiny_model_dir, tmp_path, steps=20, switch_boundary_every=2)
+    # fp32: the export is compared with diffusers' loader to 1e-5, below bf16's resolution.
+    raw = job_raw(clips_dir, tiny_model_dir, tmp_path, steps=20, switch_boundary_every=2, dtype="fp32")
+    raw["config"]["process"][0]["save"]["dtype"] = "fp32"
     job = parse_config(raw, workdir=tiny_cache).job
     parts = build_parts(job, tiny_cache / "cache", torch.device("cpu"))
     state = TrainState(run_id="test")
@@ -317,7 +319,14 @@ def test_it_learns(tmp_path: Path, tiny_cache: Path, clips_dir: Path, tiny_model
             window = timestep_window(expert, parts.model.boundary_timestep)
             model = parts.model.expert(expert)
             out[expert] = validation_loss(
-                model, index, expert, window, quantiles, seed=7, device=parts.device
+                model,
+                index,
+                expert,
+                window,
+                quantiles,
+                seed=7,
+                device=parts.device,
+                dtype=parts.compute_dtype,
             ).mean
         return out
 

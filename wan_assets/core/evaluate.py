@@ -16,6 +16,7 @@ from wan_assets.core.batches import derive_seed
 from wan_assets.core.cache import LatentIndex
 from wan_assets.core.flow import flow_loss, noisy_input
 from wan_assets.core.latents import pad_text
+from wan_assets.core.precision import autocast
 
 
 @dataclass(frozen=True)
@@ -64,9 +65,10 @@ def validation_loss(
             noise = torch.randn(x0.shape, generator=noise_gen)
             x_t, target = noisy_input(x0, noise, t)
             hidden = torch.cat([x_t.to(device, dtype), condition], dim=1)
-            pred = model(
-                hidden_states=hidden, timestep=t.to(device), encoder_hidden_states=text, return_dict=False
-            )[0]
+            with autocast(device, dtype):  # as the training step runs the expert
+                pred = model(
+                    hidden_states=hidden, timestep=t.to(device), encoder_hidden_states=text, return_dict=False
+                )[0]
             totals[q] += flow_loss(pred, target.to(device)).item()
     model.train(was_training)
     return ValidationResult(expert, {q: v / len(keys) for q, v in totals.items()}, len(keys))
