@@ -173,3 +173,30 @@ def test_full_disk_is_one_clear_message(workdir, capsys, monkeypatch) -> None:
     assert cli.main(["check", str(SEED), "--workdir", str(workdir)]) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: disk full while writing ") and "x.safetensors" in err
+
+
+def test_partial_per_expert_exit_criteria_inherit_the_shared_phase(seed_raw, workdir) -> None:
+    from wan_assets.core.alpha_schedule import AlphaScheduler
+
+    schedule = _process(seed_raw)["network"]["alpha_schedule"]
+    shared = schedule["conv_alpha_phases"]["foundation"]["exit_criteria"]
+    shared["max_loss_cv"] = 0.9
+    schedule["per_expert"] = {"low_noise": {"foundation": {"exit_criteria": {"min_loss_r2": 0.7}}}}
+    job = parse_config(seed_raw, workdir=workdir).job
+    scheduler = AlphaScheduler(job.process.network, job.experts)
+    assert scheduler.record(0, "low_noise", 0.5, 0.5) is None  # step 0 crashed with a dict here
+    low = scheduler.machines["low_noise"].phase.exit_criteria
+    assert low.min_loss_r2 == 0.7
+    # The keys not written keep the shared phase's values, not ExitCriteria's defaults.
+    assert low.loss_improvement_rate_below == shared["loss_improvement_rate_below"] == 0.005
+    assert low.min_gradient_stability == shared["min_gradient_stability"]
+    assert low.max_loss_cv == shared["max_loss_cv"]
+    high = scheduler.machines["high_noise"].phase.exit_criteria
+    assert high.min_loss_r2 == shared["min_loss_r2"]
+    # The run's config.yaml (dump_config) loads back to the same phases.
+    from wan_assets.core.config import dump_config
+
+    again = parse_config(yaml.safe_load(dump_config(job)), workdir=workdir).job
+    assert again.process.network.alpha_schedule.phases_for("low_noise") == (
+        job.process.network.alpha_schedule.phases_for("low_noise")
+    )

@@ -46,12 +46,29 @@ class PhaseConfig(_Model):
     exit_criteria: ExitCriteria = ExitCriteria()
 
 
+class ExitCriteriaOverride(_Model):
+    """Per-expert changes to a phase's exit criteria; unset (null) keys keep the shared phase's value."""
+
+    loss_improvement_rate_below: float | None = None
+    min_gradient_stability: float | None = None
+    min_loss_r2: float | None = None
+    max_loss_cv: float | None = None
+
+
 class PhaseOverride(_Model):
     """Per-expert changes to one named phase; unset fields keep the shared phase's value."""
 
     alpha: float | None = Field(default=None, gt=0)
     min_steps: int | None = Field(default=None, ge=0)
-    exit_criteria: ExitCriteria | None = None
+    exit_criteria: ExitCriteriaOverride | None = None
+
+    def applied_to(self, phase: PhaseConfig) -> PhaseConfig:
+        """`phase` with the keys set here replaced; exit criteria merge key by key."""
+        update = self.model_dump(exclude_none=True, exclude={"exit_criteria"})
+        if self.exit_criteria is not None:
+            criteria = self.exit_criteria.model_dump(exclude_none=True)
+            update["exit_criteria"] = phase.exit_criteria.model_copy(update=criteria)
+        return phase.model_copy(update=update)
 
 
 class AlphaScheduleConfig(_Model):
@@ -85,9 +102,7 @@ class AlphaScheduleConfig(_Model):
         phases = []
         for name, phase in self.conv_alpha_phases.items():
             change = overrides.get(name)
-            if change is not None:
-                phase = phase.model_copy(update=change.model_dump(exclude_none=True))
-            phases.append((name, phase))
+            phases.append((name, phase if change is None else change.applied_to(phase)))
         return phases
 
 
