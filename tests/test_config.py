@@ -200,3 +200,46 @@ def test_partial_per_expert_exit_criteria_inherit_the_shared_phase(seed_raw, wor
     assert again.process.network.alpha_schedule.phases_for("low_noise") == (
         job.process.network.alpha_schedule.phases_for("low_noise")
     )
+
+
+def test_every_mistake_of_the_file_at_once(seed_raw, workdir, monkeypatch) -> None:
+    monkeypatch.delenv("WAN_NOT_SET_ANYWHERE", raising=False)
+    seed_raw["config"]["nmae"] = "x"
+    process = _process(seed_raw)
+    process["network"]["lineer"] = 1
+    process["train"]["gradient_checkpointing"] = "sometimes"
+    process["datasets"][0]["num_frames"] = 32
+    process["trigger_word"] = "${WAN_NOT_SET_ANYWHERE}"
+    del process["model"]["name_or_path"]
+    with pytest.raises(ConfigError) as err:
+        parse_config(seed_raw, source=Path("job.yaml"), workdir=workdir)
+    assert err.value.problems == (
+        "config.nmae: unknown key; did you mean name?",
+        "trigger_word: environment variable WAN_NOT_SET_ANYWHERE is not set (used as ${WAN_NOT_SET_ANYWHERE})",
+        "network.lineer: unknown key; did you mean linear?",
+        "datasets[0].num_frames: num_frames must be 4k+1 (the Wan VAE compresses time 4x), got 32; "
+        "use 29 or 33",
+        # Both members of `bool | "selective"` fail: one line, not two.
+        "train.gradient_checkpointing: Input should be a valid boolean, unable to interpret input; "
+        "or Input should be 'selective'",
+        "model.name_or_path: required key is missing",
+    )
+    assert str(err.value).splitlines()[0] == "job.yaml: 6 problems:"
+
+
+def test_missing_folders_are_reported_together(seed_raw, workdir) -> None:
+    process = _process(seed_raw)
+    process["datasets"].append({"folder_path": "/no/such/folder"})
+    process["validation"] = {"folder_path": "held_out"}
+    with pytest.raises(ConfigError) as err:
+        parse_config(seed_raw, workdir=workdir)
+    assert [p.split(":")[0] for p in err.value.problems] == [
+        "datasets[1].folder_path",
+        "validation.folder_path",
+    ]
+    assert f"{workdir / 'held_out'} does not exist" in err.value.problems[1]
+
+
+def test_relative_ctrl_img_resolves_against_the_workdir(seed_raw, workdir) -> None:
+    job = parse_config(seed_raw, workdir=workdir).job
+    assert job.process.sample.samples[0].ctrl_img == str((workdir / "first_frame.png").resolve())
