@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import copy
+import importlib.util
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
+from PIL import Image
 
 from wan_assets.cli import main
 from wan_assets.core.config import ConfigError, load_config, parse_config
@@ -146,11 +149,38 @@ def test_models_are_frozen(workdir) -> None:
         job.process.train.lr = 1.0
 
 
-def test_check_command(workdir, capsys) -> None:
-    assert main(["check", str(SEED), "--workdir", str(workdir)]) == 0
+def test_check_command(seed_raw, tmp_path, workdir, capsys) -> None:
+    # The seed file with what this machine lacks swapped for what it has (the seed as it is: below).
+    from .test_check import fake_model
+
+    process = _process(seed_raw)
+    process["model"].update(name_or_path=str(fake_model(tmp_path / "model")), qtype="qfloat8")
+    process["train"]["attention_backend"] = "sdpa"
+    Image.new("RGB", (8, 8)).save(workdir / "first_frame.png")
+    (workdir / "clips" / "a.mp4").write_bytes(b"0")
+    config = tmp_path / "seed.yaml"
+    config.write_text(yaml.safe_dump(seed_raw, sort_keys=False))
+    assert main(["check", str(config), "--workdir", str(workdir)]) == 0
     out, err = capsys.readouterr()
     assert "video_lora_training" in out and "alpha_schedule" in out
     assert "no effect here" in err and "network.conv" in err
+
+
+def test_check_command_refuses_the_seed_file_on_a_machine_without_its_gpu_stack(
+    tmp_path, workdir, capsys
+) -> None:
+    # A local model path instead of the hub id keeps the test off the network.
+    config = tmp_path / "seed.yaml"
+    config.write_text(SEED.read_text().replace("ai-toolkit/Wan2.2-I2V-A14B-Diffusers-bf16", "./no/model"))
+    assert main(["check", str(config), "--workdir", str(workdir)]) == 1
+    err = capsys.readouterr().err
+    assert f"error: {config}: " in err
+    for key in ("model.name_or_path", "sample.samples[0].ctrl_img", "datasets[0].folder_path"):
+        assert f"  {key}: " in err
+    if importlib.util.find_spec("flash_attn") is None:
+        assert "  train.attention_backend: " in err
+    if not torch.cuda.is_available():
+        assert "(int4 weight-only) needs a CUDA GPU" in err
 
 
 def test_check_command_fails_with_one_line(tmp_path, workdir, capsys) -> None:
