@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import errno
 import os
+import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -18,6 +19,7 @@ from wan_assets.core.workdir import Workdir
 USER_ERRORS: tuple[type[BaseException], ...] = (
     ConfigError,
     FileNotFoundError,
+    NotADirectoryError,
     TrainingError,
     MetricsDbError,
 )
@@ -232,6 +234,11 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         return args.func(args)
+    except BrokenPipeError:
+        # The reader went away (`wan-assets sql ... | head`): stop quietly, as `cat` does. Python
+        # flushes stdout again at exit, so point it at devnull first.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
     except USER_ERRORS as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -464,8 +464,18 @@ def load_config(path: str | Path, workdir: str | Path | None = None) -> LoadedCo
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise ConfigError([f"not valid YAML: {exc}"], source=path) from None
+        raise ConfigError([f"not valid YAML: {_yaml_error(exc)}"], source=path) from None
     return parse_config(raw, source=path, workdir=workdir)
+
+
+def _yaml_error(exc: Exception) -> str:
+    """PyYAML's multi-line message as one line: where, and what it expected."""
+    mark = getattr(exc, "problem_mark", None)
+    if mark is None:
+        return " ".join(str(exc).split())
+    context = getattr(exc, "context", None)
+    what = f"{exc.problem} ({context})" if context else exc.problem
+    return f"line {mark.line + 1}, column {mark.column + 1}: {what}"
 
 
 def parse_config(raw: Any, *, source: Path | None = None, workdir: str | Path | None = None) -> LoadedConfig:

@@ -19,6 +19,8 @@ class Workdir:
     @classmethod
     def open(cls, path: str | Path | None = None) -> Workdir:
         root = Path(path).resolve() if path is not None else default_workdir()
+        if root.exists() and not root.is_dir():
+            raise NotADirectoryError(f"workdir {root} is a file, not a folder; pass --workdir DIR")
         root.mkdir(parents=True, exist_ok=True)
         return cls(root)
 
