@@ -30,7 +30,7 @@ class WanProjectResource(ConfigurableResource):
     @cached_property
     def _workdir(self) -> Workdir:
         wd = Workdir.open(self.workdir or None)
-        wd.ensure_sample_clips()
+        wd.ensure_default_clips(self.config_path)
         return wd
 
     def root(self) -> Workdir:

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import copy
+import importlib.util
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
+from PIL import Image
 
 from wan_assets.cli import main
 from wan_assets.core.config import ConfigError, load_config, parse_config
@@ -146,11 +149,38 @@ def test_models_are_frozen(workdir) -> None:
         job.process.train.lr = 1.0
 
 
-def test_check_command(workdir, capsys) -> None:
-    assert main(["check", str(SEED), "--workdir", str(workdir)]) == 0
+def test_check_command(seed_raw, tmp_path, workdir, capsys) -> None:
+    # The seed file with what this machine lacks swapped for what it has (the seed as it is: below).
+    from .test_check import fake_model
+
+    process = _process(seed_raw)
+    process["model"].update(name_or_path=str(fake_model(tmp_path / "model")), qtype="qfloat8")
+    process["train"]["attention_backend"] = "sdpa"
+    Image.new("RGB", (8, 8)).save(workdir / "first_frame.png")
+    (workdir / "clips" / "a.mp4").write_bytes(b"0")
+    config = tmp_path / "seed.yaml"
+    config.write_text(yaml.safe_dump(seed_raw, sort_keys=False))
+    assert main(["check", str(config), "--workdir", str(workdir)]) == 0
     out, err = capsys.readouterr()
     assert "video_lora_training" in out and "alpha_schedule" in out
     assert "no effect here" in err and "network.conv" in err
+
+
+def test_check_command_refuses_the_seed_file_on_a_machine_without_its_gpu_stack(
+    tmp_path, workdir, capsys
+) -> None:
+    # A local model path instead of the hub id keeps the test off the network.
+    config = tmp_path / "seed.yaml"
+    config.write_text(SEED.read_text().replace("ai-toolkit/Wan2.2-I2V-A14B-Diffusers-bf16", "./no/model"))
+    assert main(["check", str(config), "--workdir", str(workdir)]) == 1
+    err = capsys.readouterr().err
+    assert f"error: {config}: " in err
+    for key in ("model.name_or_path", "sample.samples[0].ctrl_img", "datasets[0].folder_path"):
+        assert f"  {key}: " in err
+    if importlib.util.find_spec("flash_attn") is None:
+        assert "  train.attention_backend: " in err
+    if not torch.cuda.is_available():
+        assert "(int4 weight-only) needs a CUDA GPU" in err
 
 
 def test_check_command_fails_with_one_line(tmp_path, workdir, capsys) -> None:
@@ -173,3 +203,73 @@ def test_full_disk_is_one_clear_message(workdir, capsys, monkeypatch) -> None:
     assert cli.main(["check", str(SEED), "--workdir", str(workdir)]) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: disk full while writing ") and "x.safetensors" in err
+
+
+def test_partial_per_expert_exit_criteria_inherit_the_shared_phase(seed_raw, workdir) -> None:
+    from wan_assets.core.alpha_schedule import AlphaScheduler
+
+    schedule = _process(seed_raw)["network"]["alpha_schedule"]
+    shared = schedule["conv_alpha_phases"]["foundation"]["exit_criteria"]
+    shared["max_loss_cv"] = 0.9
+    schedule["per_expert"] = {"low_noise": {"foundation": {"exit_criteria": {"min_loss_r2": 0.7}}}}
+    job = parse_config(seed_raw, workdir=workdir).job
+    scheduler = AlphaScheduler(job.process.network, job.experts)
+    assert scheduler.record(0, "low_noise", 0.5, 0.5) is None  # step 0 crashed with a dict here
+    low = scheduler.machines["low_noise"].phase.exit_criteria
+    assert low.min_loss_r2 == 0.7
+    # The keys not written keep the shared phase's values, not ExitCriteria's defaults.
+    assert low.loss_improvement_rate_below == shared["loss_improvement_rate_below"] == 0.005
+    assert low.min_gradient_stability == shared["min_gradient_stability"]
+    assert low.max_loss_cv == shared["max_loss_cv"]
+    high = scheduler.machines["high_noise"].phase.exit_criteria
+    assert high.min_loss_r2 == shared["min_loss_r2"]
+    # The run's config.yaml (dump_config) loads back to the same phases.
+    from wan_assets.core.config import dump_config
+
+    again = parse_config(yaml.safe_load(dump_config(job)), workdir=workdir).job
+    assert again.process.network.alpha_schedule.phases_for("low_noise") == (
+        job.process.network.alpha_schedule.phases_for("low_noise")
+    )
+
+
+def test_every_mistake_of_the_file_at_once(seed_raw, workdir, monkeypatch) -> None:
+    monkeypatch.delenv("WAN_NOT_SET_ANYWHERE", raising=False)
+    seed_raw["config"]["nmae"] = "x"
+    process = _process(seed_raw)
+    process["network"]["lineer"] = 1
+    process["train"]["gradient_checkpointing"] = "sometimes"
+    process["datasets"][0]["num_frames"] = 32
+    process["trigger_word"] = "${WAN_NOT_SET_ANYWHERE}"
+    del process["model"]["name_or_path"]
+    with pytest.raises(ConfigError) as err:
+        parse_config(seed_raw, source=Path("job.yaml"), workdir=workdir)
+    assert err.value.problems == (
+        "config.nmae: unknown key; did you mean name?",
+        "trigger_word: environment variable WAN_NOT_SET_ANYWHERE is not set (used as ${WAN_NOT_SET_ANYWHERE})",
+        "network.lineer: unknown key; did you mean linear?",
+        "datasets[0].num_frames: num_frames must be 4k+1 (the Wan VAE compresses time 4x), got 32; "
+        "use 29 or 33",
+        # Both members of `bool | "selective"` fail: one line, not two.
+        "train.gradient_checkpointing: Input should be a valid boolean, unable to interpret input; "
+        "or Input should be 'selective'",
+        "model.name_or_path: required key is missing",
+    )
+    assert str(err.value).splitlines()[0] == "job.yaml: 6 problems:"
+
+
+def test_missing_folders_are_reported_together(seed_raw, workdir) -> None:
+    process = _process(seed_raw)
+    process["datasets"].append({"folder_path": "/no/such/folder"})
+    process["validation"] = {"folder_path": "held_out"}
+    with pytest.raises(ConfigError) as err:
+        parse_config(seed_raw, workdir=workdir)
+    assert [p.split(":")[0] for p in err.value.problems] == [
+        "datasets[1].folder_path",
+        "validation.folder_path",
+    ]
+    assert f"{workdir / 'held_out'} does not exist" in err.value.problems[1]
+
+
+def test_relative_ctrl_img_resolves_against_the_workdir(seed_raw, workdir) -> None:
+    job = parse_config(seed_raw, workdir=workdir).job
+    assert job.process.sample.samples[0].ctrl_img == str((workdir / "first_frame.png").resolve())

@@ -5,38 +5,52 @@ from __future__ import annotations
 import argparse
 import errno
 import os
+import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from wan_assets.core.config import ConfigError, dump_config, load_config, with_experts
+from wan_assets.core.config import ConfigError, JobConfig, dump_config, load_config, with_experts
 from wan_assets.core.errors import MetricsDbError, TrainingError
 from wan_assets.core.experts import EXPERTS
 from wan_assets.core.workdir import Workdir
 
 # Errors that are the user's to fix: printed as one line, exit status 1, no traceback.
-USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, FileNotFoundError, TrainingError, MetricsDbError)
+USER_ERRORS: tuple[type[BaseException], ...] = (
+    ConfigError,
+    FileNotFoundError,
+    NotADirectoryError,
+    TrainingError,
+    MetricsDbError,
+)
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    workdir = Workdir.open(args.workdir)
-    workdir.ensure_sample_clips()
-    loaded = load_config(args.config, workdir=workdir.root)
-    print(dump_config(loaded.job), end="")
-    for warning in loaded.warnings:
-        print(f"warning: {warning}", file=sys.stderr)
-    print(f"ok: {args.config} is valid ({', '.join(loaded.job.experts)})", file=sys.stderr)
+    # The tiny model counts as present: cache and train build it on first use, check changes nothing.
+    _workdir, job = _load(args, build_model=False)
+    print(dump_config(job), end="")
+    print(f"ok: {args.config} is valid and ready on this machine ({', '.join(job.experts)})", file=sys.stderr)
     return 0
 
 
-def _load(args: argparse.Namespace):
+def _load(
+    args: argparse.Namespace, checks: Callable[..., list[str]] | None = None, *, build_model: bool = True
+) -> tuple[Workdir, JobConfig]:
+    """The workdir and the job once every check (`preflight` unless told otherwise) has passed."""
+    from wan_assets.core.preflight import preflight
+
     workdir = Workdir.open(args.workdir)
-    workdir.ensure_sample_clips()
+    workdir.ensure_default_clips(args.config)
     loaded = load_config(args.config, workdir=workdir.root)
     for warning in loaded.warnings:
         print(f"warning: {warning}", file=sys.stderr)
-    workdir.ensure_model(loaded.job.process.model.name_or_path)
-    return workdir, loaded.job
+    job = loaded.job
+    problems = (checks or preflight)(job, buildable_model=workdir.tiny_model)
+    if problems:
+        raise ConfigError(problems, source=job.source)
+    if build_model:
+        workdir.ensure_model(job.process.model.name_or_path)
+    return workdir, job
 
 
 def cmd_cache(args: argparse.Namespace) -> int:
@@ -106,8 +120,9 @@ def cmd_sql(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from wan_assets.core.evaluation import evaluate_run
+    from wan_assets.core.preflight import model_problems
 
-    workdir, job = _load(args)
+    workdir, job = _load(args, checks=model_problems)  # scores cached clips, trains nothing
     report = evaluate_run(job, workdir.cache)
     for row in report.table():
         cells = "  ".join(
@@ -219,6 +234,11 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         return args.func(args)
+    except BrokenPipeError:
+        # The reader went away (`wan-assets sql ... | head`): stop quietly, as `cat` does. Python
+        # flushes stdout again at exit, so point it at devnull first.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
     except USER_ERRORS as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -37,7 +37,7 @@ def run_demo(workdir: Path | None = None, config: Path = TINY_CONFIG) -> dict:
     from wan_assets.ui import write_instance_config
 
     wd = Workdir.open(workdir)
-    wd.ensure_sample_clips()
+    wd.ensure_default_clips(config)
     wd.ensure_tiny_model()
     os.environ["WAN_ASSETS_HOME"] = str(wd.root)
     os.environ["DAGSTER_HOME"] = str(wd.dagster_home)

@@ -10,7 +10,9 @@ from __future__ import annotations
 import difflib
 import os
 import re
-from collections.abc import Mapping
+import types
+import typing
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -21,7 +23,23 @@ from wan_assets.core.experts import EXPERTS
 
 
 class ConfigError(ValueError):
-    """A user mistake in a config file: the message says what, where and how to fix it."""
+    """User mistakes in a config file, one line each: what, where and how to fix it.
+
+    `problems` are the lines; the message prefixes them with the file and, when there are several,
+    their count.
+    """
+
+    def __init__(self, problems: str | Sequence[str], source: Path | str | None = None) -> None:
+        self.problems = (problems,) if isinstance(problems, str) else tuple(problems)
+        assert self.problems, "a ConfigError needs at least one problem"
+        self.source = source
+        where = f"{source}: " if source else ""
+        if len(self.problems) == 1:
+            message = where + self.problems[0]
+        else:
+            lines = "\n".join(f"  {p}" for p in self.problems)
+            message = f"{where}{len(self.problems)} problems:\n{lines}"
+        super().__init__(message)
 
 
 class _Model(BaseModel):
@@ -46,12 +64,29 @@ class PhaseConfig(_Model):
     exit_criteria: ExitCriteria = ExitCriteria()
 
 
+class ExitCriteriaOverride(_Model):
+    """Per-expert changes to a phase's exit criteria; unset (null) keys keep the shared phase's value."""
+
+    loss_improvement_rate_below: float | None = None
+    min_gradient_stability: float | None = None
+    min_loss_r2: float | None = None
+    max_loss_cv: float | None = None
+
+
 class PhaseOverride(_Model):
     """Per-expert changes to one named phase; unset fields keep the shared phase's value."""
 
     alpha: float | None = Field(default=None, gt=0)
     min_steps: int | None = Field(default=None, ge=0)
-    exit_criteria: ExitCriteria | None = None
+    exit_criteria: ExitCriteriaOverride | None = None
+
+    def applied_to(self, phase: PhaseConfig) -> PhaseConfig:
+        """`phase` with the keys set here replaced; exit criteria merge key by key."""
+        update = self.model_dump(exclude_none=True, exclude={"exit_criteria"})
+        if self.exit_criteria is not None:
+            criteria = self.exit_criteria.model_dump(exclude_none=True)
+            update["exit_criteria"] = phase.exit_criteria.model_copy(update=criteria)
+        return phase.model_copy(update=update)
 
 
 class AlphaScheduleConfig(_Model):
@@ -85,9 +120,7 @@ class AlphaScheduleConfig(_Model):
         phases = []
         for name, phase in self.conv_alpha_phases.items():
             change = overrides.get(name)
-            if change is not None:
-                phase = phase.model_copy(update=change.model_dump(exclude_none=True))
-            phases.append((name, phase))
+            phases.append((name, phase if change is None else change.applied_to(phase)))
         return phases
 
 
@@ -427,76 +460,102 @@ class LoadedConfig(BaseModel):
 # --- loading ---------------------------------------------------------------------------------------
 
 _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+_TOP_KEYS = ["job", "config", "meta"]
+_CONFIG_KEYS = ["name", "process"]
 
 
 def load_config(path: str | Path, workdir: str | Path | None = None) -> LoadedConfig:
     """Read, substitute, validate and resolve one job file. Raises ConfigError for user mistakes."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"{path}: config file not found")
+        raise ConfigError(["config file not found"], source=path)
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+        raise ConfigError([f"not valid YAML: {_yaml_error(exc)}"], source=path) from None
     return parse_config(raw, source=path, workdir=workdir)
 
 
+def _yaml_error(exc: Exception) -> str:
+    """PyYAML's multi-line message as one line: where, and what it expected."""
+    mark = getattr(exc, "problem_mark", None)
+    if mark is None:
+        return " ".join(str(exc).split())
+    context = getattr(exc, "context", None)
+    what = f"{exc.problem} ({context})" if context else exc.problem
+    return f"line {mark.line + 1}, column {mark.column + 1}: {what}"
+
+
 def parse_config(raw: Any, *, source: Path | None = None, workdir: str | Path | None = None) -> LoadedConfig:
-    where = f"{source}: " if source else ""
-    process_raw, name, meta = _unwrap_job(raw, where)
-    process_raw = _substitute(process_raw, name, where)
-    meta = _substitute(meta, name, where)
+    """Every mistake of the file is collected and raised together, one line each."""
+    problems: list[str] = []
+    unwrapped = _unwrap_job(raw, problems)
+    if unwrapped is None:
+        raise ConfigError(problems, source=source)
+    process_raw, name, meta = unwrapped
+    process_raw = _substitute(process_raw, name, problems)
+    meta = _substitute(meta, name, problems, "meta")
     inert: list[str] = []
     process_raw = _strip_inert(process_raw, ProcessConfig, "", inert)
     try:
         process = ProcessConfig.model_validate(process_raw)
     except ValidationError as exc:
-        raise ConfigError(where + _describe(exc, ProcessConfig)) from None
+        raise ConfigError([*problems, *_describe(exc, ProcessConfig)], source=source) from None
     job = JobConfig(name=name, process=process, meta=meta, source=source)
-    job = _resolve_paths(job, workdir, where)
+    base = Path(workdir) if workdir is not None else default_workdir()
+    job = _resolve_paths(job, base, problems)
+    if problems:
+        raise ConfigError(problems, source=source)
     warnings = []
     if inert:
         warnings.append("keys known from ai-toolkit that have no effect here: " + ", ".join(inert))
     return LoadedConfig(job=job, warnings=tuple(warnings))
 
 
-def _unwrap_job(raw: Any, where: str) -> tuple[dict, str, dict]:
+def _unwrap_job(raw: Any, problems: list[str]) -> tuple[dict, str, dict] | None:
+    """The one process mapping, the job name and `meta`; None when the layout is too broken to go on."""
     if not isinstance(raw, dict):
-        raise ConfigError(f"{where}expected a mapping with `job:` and `config:` at the top")
-    unknown = set(raw) - {"job", "config", "meta"}
-    if unknown:
-        key = sorted(unknown)[0]
-        raise ConfigError(f"{where}{key}: unknown key{_suggest(key, ['job', 'config', 'meta'])}")
+        problems.append("expected a mapping with `job:` and `config:` at the top")
+        return None
+    for key in sorted(set(raw) - set(_TOP_KEYS), key=str):
+        problems.append(f"{key}: unknown key{_suggest(str(key), _TOP_KEYS)}")
     if raw.get("job", "extension") != "extension":
-        raise ConfigError(f"{where}job: only `extension` jobs are supported, got {raw.get('job')!r}")
+        problems.append(f"job: only `extension` jobs are supported, got {raw.get('job')!r}")
+    meta = raw.get("meta") or {}
+    if not isinstance(meta, dict):
+        problems.append(f"meta: expected a mapping, got {type(meta).__name__}")
+        meta = {}
     config = raw.get("config")
     if not isinstance(config, dict) or "name" not in config or "process" not in config:
-        raise ConfigError(f"{where}config: needs `name` and a `process` list")
-    extra = set(config) - {"name", "process"}
-    if extra:
-        key = sorted(extra)[0]
-        raise ConfigError(f"{where}config.{key}: unknown key{_suggest(key, ['name', 'process'])}")
+        problems.append("config: needs `name` and a `process` list")
+        return None
+    for key in sorted(set(config) - set(_CONFIG_KEYS), key=str):
+        problems.append(f"config.{key}: unknown key{_suggest(str(key), _CONFIG_KEYS)}")
     processes = config["process"]
     if not isinstance(processes, list) or len(processes) != 1 or not isinstance(processes[0], dict):
-        raise ConfigError(f"{where}config.process: expected exactly one process (a list with one mapping)")
-    return processes[0], str(config["name"]), dict(raw.get("meta") or {})
+        problems.append("config.process: expected exactly one process (a list with one mapping)")
+        return None
+    return processes[0], str(config["name"]), dict(meta)
 
 
-def _substitute(value: Any, name: str, where: str) -> Any:
+def _substitute(value: Any, name: str, problems: list[str], path: str = "") -> Any:
     """`[name]` -> the job name and `${VAR}` -> the environment, in every string, as ai-toolkit does."""
     if isinstance(value, str):
 
         def env(match: re.Match) -> str:
             var = match.group(1)
             if var not in os.environ:
-                raise ConfigError(f"{where}environment variable {var} is not set (used as ${{{var}}})")
+                problems.append(f"{path}: environment variable {var} is not set (used as ${{{var}}})")
+                return match.group(0)
             return os.environ[var]
 
         return _ENV.sub(env, value.replace("[name]", name))
     if isinstance(value, dict):
-        return {k: _substitute(v, name, where) for k, v in value.items()}
+        return {
+            k: _substitute(v, name, problems, f"{path}.{k}" if path else str(k)) for k, v in value.items()
+        }
     if isinstance(value, list):
-        return [_substitute(v, name, where) for v in value]
+        return [_substitute(v, name, problems, f"{path}[{i}]") for i, v in enumerate(value)]
     return value
 
 
@@ -536,19 +595,74 @@ def _submodel(annotation: Any) -> type[BaseModel] | None:
     return None
 
 
-def _describe(exc: ValidationError, root: type[BaseModel]) -> str:
-    """The first validation error as one line: key path, what is wrong, the closest valid key."""
-    err = exc.errors()[0]
-    loc = [p for p in err["loc"] if p not in ("function-after",)]
-    path = _format_loc(loc)
+def _describe(exc: ValidationError, root: type[BaseModel]) -> list[str]:
+    """Every validation error as one line: key path, what is wrong, the closest valid key.
+
+    A value that fails each member of a union (`true`/`false` or "selective") gets one line.
+    """
+    by_path: dict[str, list[str]] = {}
+    for err in exc.errors():
+        path, message = _describe_one(err, root)
+        messages = by_path.setdefault(path, [])
+        if message not in messages:
+            messages.append(message)
+    return [f"{path}: {'; or '.join(m)}" if path else "; ".join(m) for path, m in by_path.items()]
+
+
+def _describe_one(err: Mapping[str, Any], root: type[BaseModel]) -> tuple[str, str]:
+    loc = list(err["loc"])
     if err["type"] == "extra_forbidden":
-        parent = _model_at(root, loc[:-1])
-        choices = list(parent.model_fields) if parent else []
-        return f"{path}: unknown key{_suggest(str(loc[-1]), choices)}"
+        keys, parent = _walk(root, loc[:-1])
+        fields = parent.model_fields if parent else {}
+        key = str(loc[-1])
+        path = _format_loc([*keys, key])
+        if key in fields:  # given under its name and its ai-toolkit alias
+            return path, f"given twice, also as {fields[key].alias}; keep one"
+        choices = [*fields, *(f.alias for f in fields.values() if f.alias)]
+        return path, f"unknown key{_suggest(key, choices)}"
+    path = _format_loc(_walk(root, loc)[0])
     if err["type"] == "missing":
-        return f"{path}: required key is missing"
-    msg = err["msg"].removeprefix("Value error, ")
-    return f"{path}: {msg}" if path else msg
+        return path, "required key is missing"
+    return path, err["msg"].removeprefix("Value error, ")
+
+
+def _walk(root: type[BaseModel], loc: list) -> tuple[list, type[BaseModel] | None]:
+    """The user's key path inside a pydantic error location and the model it ends in.
+
+    Locations also name the union member tried (`bool`, `literal['selective']`) and `[key]` for a
+    bad dict key; those are not keys of the file and are dropped.
+    """
+    keys: list = []
+    annotation: Any = root
+    for part in loc:
+        container = _container(annotation)
+        if container is not None and (isinstance(part, int) or container[0] == "dict"):
+            if part != "[key]":
+                keys.append(part)
+                annotation = container[1]
+            continue
+        model = _submodel(annotation)
+        field = None
+        if model is not None and isinstance(part, str):
+            field = model.model_fields.get(part) or _by_alias(model.model_fields, part)
+        if field is not None:
+            keys.append(part)
+            annotation = field.annotation
+    return keys, _submodel(annotation)
+
+
+def _container(annotation: Any) -> tuple[str, Any] | None:
+    """("list", item type) or ("dict", value type) for list/tuple/dict annotations (also `| None`)."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin in (list, tuple) and args:
+        return "list", args[0]
+    if origin is dict and len(args) == 2:
+        return "dict", args[1]
+    if origin in (typing.Union, types.UnionType):
+        members = [a for a in args if a is not type(None)]
+        if len(members) == 1:
+            return _container(members[0])
+    return None
 
 
 def _format_loc(loc: list) -> str:
@@ -558,56 +672,56 @@ def _format_loc(loc: list) -> str:
     return out
 
 
-def _model_at(root: type[BaseModel], loc: list) -> type[BaseModel] | None:
-    model: type[BaseModel] | None = root
-    for part in loc:
-        if isinstance(part, int) or model is None:
-            continue
-        field = model.model_fields.get(str(part))
-        if field is None:
-            # A dict-valued field (phases by name): the key is user data, stay on the value model.
-            continue
-        model = _submodel(field.annotation)
-    return model
-
-
 def _suggest(key: str, choices: list[str]) -> str:
     close = difflib.get_close_matches(key, choices, n=1, cutoff=0.6)
     return f"; did you mean {close[0]}?" if close else f"; valid keys: {', '.join(sorted(choices))}"
 
 
-def _resolve_paths(job: JobConfig, workdir: str | Path | None, where: str) -> JobConfig:
-    """Relative folders are relative to the workdir (DESIGN 8); dataset folders must exist."""
-    base = Path(workdir) if workdir is not None else default_workdir()
+def _resolve_paths(job: JobConfig, base: Path, problems: list[str]) -> JobConfig:
+    """Relative paths are relative to the workdir (DESIGN 8); dataset and validation folders must exist."""
     datasets = []
     for i, ds in enumerate(job.process.datasets):
-        folder = ds.folder_path if ds.folder_path.is_absolute() else base / ds.folder_path
+        folder = _under(base, ds.folder_path)
         if not folder.is_dir():
-            raise ConfigError(
-                f"{where}datasets[{i}].folder_path: folder {folder} does not exist; "
+            problems.append(
+                f"datasets[{i}].folder_path: folder {folder} does not exist; "
                 "point it at a folder of video clips with caption files"
             )
-        datasets.append(ds.model_copy(update={"folder_path": folder.resolve()}))
-    training_folder = job.process.training_folder
-    if not training_folder.is_absolute():
-        training_folder = base / training_folder
+        datasets.append(ds.model_copy(update={"folder_path": folder}))
     validation = job.process.validation
-    if validation.folder_path is not None and not validation.folder_path.is_absolute():
-        validation = validation.model_copy(update={"folder_path": (base / validation.folder_path).resolve()})
-    if validation.folder_path is not None and not validation.folder_path.is_dir():
-        raise ConfigError(f"{where}validation.folder_path: folder {validation.folder_path} does not exist")
+    if validation.folder_path is not None:
+        validation = validation.model_copy(update={"folder_path": _under(base, validation.folder_path)})
+        if not validation.folder_path.is_dir():
+            problems.append(f"validation.folder_path: folder {validation.folder_path} does not exist")
     model = job.process.model
     if _is_workdir_relative(model.name_or_path, base):
-        model = model.model_copy(update={"name_or_path": str((base / model.name_or_path).resolve())})
+        model = model.model_copy(update={"name_or_path": str(_under(base, Path(model.name_or_path)))})
     process = job.process.model_copy(
         update={
             "datasets": datasets,
-            "training_folder": training_folder.resolve(),
+            "training_folder": _under(base, job.process.training_folder),
             "validation": validation,
             "model": model,
+            "sample": _resolve_samples(job.process.sample, base),
         }
     )
     return job.model_copy(update={"process": process})
+
+
+def _resolve_samples(sample: SampleConfig | None, base: Path) -> SampleConfig | None:
+    """`ctrl_img` paths resolved like the folders, so sampling reads the file check looked at."""
+    if sample is None:
+        return None
+    samples = [
+        s.model_copy(update={"ctrl_img": str(_under(base, Path(s.ctrl_img)))}) if s.ctrl_img else s
+        for s in sample.samples
+    ]
+    return sample.model_copy(update={"samples": samples})
+
+
+def _under(base: Path, path: Path) -> Path:
+    path = path.expanduser()
+    return (path if path.is_absolute() else base / path).resolve()
 
 
 def _is_workdir_relative(name_or_path: str, base: Path) -> bool:

@@ -184,6 +184,13 @@ def read_model_index(name_or_path: str | Path) -> dict[str, Any]:
     return index
 
 
+def check_model_layout(name_or_path: str | Path) -> None:
+    """Raise the error `load_wan_model` would for a model it cannot load whole (before any work)."""
+    name = _resolve_name(name_or_path)
+    read_model_index(name)
+    _require_subfolders(name, _needed_subfolders(EXPERTS, text_encoder=True, vae=True))
+
+
 def _require_model_index(root: Path) -> None:
     expected = (
         "expected a Wan 2.2 I2V-A14B folder in the diffusers layout "

@@ -37,6 +37,14 @@ def build_optimizer(train: TrainConfig, params: dict[str, list[torch.nn.Paramete
     return _BUILDERS[train.optimizer](groups, opt)
 
 
+def check_optimizer(train: TrainConfig, experts: Sequence[str]) -> None:
+    """Raise the ConfigError `build_optimizer` would for these experts, building nothing."""
+    if train.optimizer == "automagic":
+        opt = train.optimizer_params
+        for expert in experts:
+            _automagic_bounds(opt, expert, opt.for_expert(expert, "lr", train.lr))
+
+
 def _adamw(groups: list[dict[str, Any]], opt: OptimizerParams) -> torch.optim.Optimizer:
     # Fused on CUDA: one multi-tensor kernel set for all of a LoRA's tensors instead of a dozen
     # foreach passes, whose launches kept the GPU idle at every step's end. Elsewhere (CPU, or an

@@ -1,7 +1,7 @@
 """Sample videos through `WanImageToVideoPipeline` with both experts' current LoRAs (DESIGN 5, 6).
 
 The pipeline is the stock diffusers one, so what a sample shows is what users get at inference.
-First frames come from `ctrl_img` when it exists, else from a held-out clip of the latent cache.
+First frames come from `ctrl_img` when it is set, else from a held-out clip of the latent cache.
 """
 
 from __future__ import annotations
@@ -32,9 +32,14 @@ def first_frame(index: LatentIndex) -> Image.Image:
 
 
 def load_image(path: str | None, fallback: Image.Image) -> Image.Image:
-    if path and Path(path).is_file():
-        return Image.open(path).convert("RGB")
-    return fallback
+    """`ctrl_img` when one is set (a missing file is an error, never silently the fallback)."""
+    if path is None:
+        return fallback
+    if not Path(path).is_file():
+        raise FileNotFoundError(
+            f"sample ctrl_img {path} does not exist; `wan-assets check` lists such problems"
+        )
+    return Image.open(path).convert("RGB")
 
 
 @torch.no_grad()

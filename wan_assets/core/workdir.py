@@ -19,6 +19,8 @@ class Workdir:
     @classmethod
     def open(cls, path: str | Path | None = None) -> Workdir:
         root = Path(path).resolve() if path is not None else default_workdir()
+        if root.exists() and not root.is_dir():
+            raise NotADirectoryError(f"workdir {root} is a file, not a folder; pass --workdir DIR")
         root.mkdir(parents=True, exist_ok=True)
         return cls(root)
 
@@ -42,17 +44,29 @@ class Workdir:
     def dagster_home(self) -> Path:
         return self.root / "dagster"
 
+    def ensure_default_clips(self, config_path: str | Path) -> None:
+        """The synthetic clips when `config_path` is the embedded default (they are its dataset).
+
+        Any other config brings its own clips: nothing is ever written into a user's dataset folder.
+        """
+        if is_default_config(config_path):
+            self.ensure_sample_clips()
+
     def ensure_sample_clips(self) -> Path:
-        """The synthetic clip set that the shipped configs train on, written once."""
+        """The synthetic clip set of the embedded default config, written once."""
         from wan_assets.core.synthetic import write_sample_videos
 
         if not self.clips.is_dir() or not any(self.clips.iterdir()):
             write_sample_videos(self.clips)
         return self.clips
 
+    def builds_model(self, name_or_path: str) -> bool:
+        """Whether `name_or_path` is the embedded tiny model, built here on first use."""
+        return Path(name_or_path) == self.tiny_model
+
     def ensure_model(self, name_or_path: str) -> str:
         """Build the embedded tiny model when a config points at it and it is not there yet."""
-        if Path(name_or_path) == self.tiny_model:
+        if self.builds_model(name_or_path):
             self.ensure_tiny_model()
         return name_or_path
 
@@ -63,3 +77,8 @@ class Workdir:
         if not (self.tiny_model / "model_index.json").is_file():
             build_tiny_model(self.tiny_model)
         return self.tiny_model
+
+
+def is_default_config(config_path: str | Path) -> bool:
+    """Whether `config_path` is the embedded default config (configs/tiny_cpu.yaml)."""
+    return Path(config_path).resolve() == TINY_CONFIG.resolve()
