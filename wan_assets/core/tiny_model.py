@@ -119,9 +119,11 @@ quality high-quality low-quality best worst overexposed underexposed ugly beauti
 _SUFFIXES = ("s", "es", "ing", "ed", "ly", "er", "est")
 
 
-def build_tiny_model(out_dir: Path, seed: int = 0) -> Path:
+def build_tiny_model(out_dir: Path, seed: int = 0, sizes: dict[str, dict[str, Any]] | None = None) -> Path:
     """Write the seeded tiny model to `out_dir` (diffusers layout) and return `out_dir`.
 
+    `sizes` overrides the config of a component ("transformer" for both experts, "text_encoder",
+    "vae"), for bigger random-weight models of the same layout (bench/gpu_e2e.py).
     The folder appears atomically (built beside it, then renamed), so a crash never leaves a half
     model; an existing folder is replaced only if it is an earlier tiny build.
     """
@@ -130,7 +132,7 @@ def build_tiny_model(out_dir: Path, seed: int = 0) -> Path:
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
-        tiny_pipeline(seed).save_pretrained(staging)
+        tiny_pipeline(seed, sizes).save_pretrained(staging)
         _check_model_index(staging)
         marker = {"seed": seed, "note": "embedded tiny Wan 2.2 I2V-A14B-shaped model (random weights)"}
         (staging / MARKER_FILE).write_text(json.dumps(marker, indent=2) + "\n")
@@ -143,16 +145,20 @@ def build_tiny_model(out_dir: Path, seed: int = 0) -> Path:
     return out_dir
 
 
-def tiny_pipeline(seed: int = 0) -> WanImageToVideoPipeline:
+def tiny_pipeline(seed: int = 0, sizes: dict[str, dict[str, Any]] | None = None) -> WanImageToVideoPipeline:
     """The tiny model in memory, as the pipeline that `build_tiny_model` saves."""
+    sizes = sizes or {}
+    text_config = {**TINY_TEXT_ENCODER, **sizes.get("text_encoder", {})}
+    expert_config = {**TINY_TRANSFORMER, "text_dim": text_config["d_model"], **sizes.get("transformer", {})}
+    vae_config = {**TINY_VAE, **sizes.get("vae", {})}
     tokenizer = tiny_tokenizer()
     return WanImageToVideoPipeline(
         tokenizer=tokenizer,
-        text_encoder=_seeded(seed, "text_encoder", lambda: _tiny_text_encoder(len(tokenizer))),
-        vae=_seeded(seed, "vae", lambda: AutoencoderKLWan(**TINY_VAE)),
+        text_encoder=_seeded(seed, "text_encoder", lambda: _tiny_text_encoder(len(tokenizer), text_config)),
+        vae=_seeded(seed, "vae", lambda: AutoencoderKLWan(**vae_config)),
         scheduler=UniPCMultistepScheduler(**SCHEDULER),
-        transformer=_seeded(seed, "transformer", lambda: WanTransformer3DModel(**TINY_TRANSFORMER)),
-        transformer_2=_seeded(seed, "transformer_2", lambda: WanTransformer3DModel(**TINY_TRANSFORMER)),
+        transformer=_seeded(seed, "transformer", lambda: WanTransformer3DModel(**expert_config)),
+        transformer_2=_seeded(seed, "transformer_2", lambda: WanTransformer3DModel(**expert_config)),
         boundary_ratio=I2V_BOUNDARY_RATIO,
         expand_timesteps=False,
     )
@@ -183,8 +189,8 @@ def _tiny_vocab() -> list[tuple[str, float]]:
     return list(pieces.items())
 
 
-def _tiny_text_encoder(vocab_size: int) -> UMT5EncoderModel:
-    config = UMT5Config(vocab_size=vocab_size, pad_token_id=0, eos_token_id=1, **TINY_TEXT_ENCODER)
+def _tiny_text_encoder(vocab_size: int, sizes: dict[str, Any]) -> UMT5EncoderModel:
+    config = UMT5Config(vocab_size=vocab_size, pad_token_id=0, eos_token_id=1, **sizes)
     return UMT5EncoderModel(config).eval()
 
 
