@@ -11,6 +11,7 @@ import hashlib
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 
@@ -88,9 +89,33 @@ class RunFiles:
 
 
 def save_state(path: Path, state: dict) -> Path:
-    with atomic_output(path) as tmp:
-        torch.save(state, tmp)
+    with atomic_output(path) as tmp, tmp.open("wb") as handle:
+        sink = _KeepWriteError(handle)
+        try:
+            torch.save(state, sink)
+        except RuntimeError:
+            if sink.error is not None:
+                raise sink.error from None  # the real cause (a full disk: ENOSPC), not torch's restatement
+            raise
     return path
+
+
+class _KeepWriteError:
+    """A file for torch.save that keeps the OSError of a failed write: torch reports it only as
+    "unexpected pos" (a RuntimeError without errno)."""
+
+    def __init__(self, handle: BinaryIO) -> None:
+        self.handle, self.error = handle, None
+
+    def write(self, data: bytes) -> int:
+        try:
+            return self.handle.write(data)
+        except OSError as exc:
+            self.error = exc
+            raise
+
+    def flush(self) -> None:
+        self.handle.flush()
 
 
 def load_state(path: Path) -> dict:
