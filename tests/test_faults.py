@@ -6,17 +6,26 @@ from __future__ import annotations
 import errno
 import io
 import os
+import signal
 import subprocess
+import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
-from wan_assets.core.errors import DiskFullError
-from wan_assets.core.files import write_json, write_safetensors, write_text
-from wan_assets.core.run_files import load_state, save_state
+from wan_assets.core.config import parse_config
+from wan_assets.core.errors import DiskFullError, TrainingError
+from wan_assets.core.files import is_temp_name, write_json, write_safetensors, write_text
+from wan_assets.core.metrics_log import read_lines
+from wan_assets.core.run_files import LOCK_NAME, RunFiles, claim, load_state, save_state
+from wan_assets.core.train import train
+
+from .test_train import job_raw, lora_tensors, losses, run_cli
 
 # --- file modes ---------------------------------------------------------------------------------------
 
@@ -100,11 +109,7 @@ def test_a_full_disk_is_one_error_naming_the_file(tmp_path: Path, full_disk: Non
 def test_the_cli_prints_a_full_disk_as_one_line(
     tmp_path: Path, tiny_cache: Path, clips_dir: Path, tiny_model_dir: Path, full_disk: None, capsys
 ) -> None:
-    import yaml
-
     from wan_assets.cli import main
-
-    from .test_train import job_raw
 
     config = tmp_path / "job.yaml"
     config.write_text(yaml.safe_dump(job_raw(clips_dir, tiny_model_dir, tmp_path / "out", steps=2)))
@@ -138,3 +143,120 @@ def test_a_really_full_disk_is_the_same_error(small_disk: Path) -> None:
         assert info.value.filename == str(small_disk / name)
         assert "needs" in str(info.value) or "failed after" in str(info.value)
     assert sorted(p.name for p in small_disk.iterdir()) == []
+
+
+# --- kills, a second trainer, a corrupt checkpoint ----------------------------------------------------
+
+
+def _job(tmp_path: Path, clips: Path, model: Path, cache: Path, folder: str, *, save_every: int, **train):
+    raw = job_raw(clips, model, tmp_path / folder, **train)
+    raw["config"]["process"][0]["save"] = {
+        "dtype": "fp32",
+        "save_every": save_every,
+        "max_step_saves_to_keep": 10,
+    }
+    config = tmp_path / f"{folder}.yaml"
+    config.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return parse_config(raw, workdir=cache).job, config
+
+
+def _wait_for_lines(proc: subprocess.Popen, files: RunFiles, num_lines: int) -> None:
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        if files.metrics.exists() and len(read_lines(files.metrics)) >= num_lines:
+            return
+        time.sleep(0.01)
+    raise AssertionError(f"the run ended or stalled before {num_lines} steps:\n{proc.stdout.read()}")
+
+
+def _assert_same_run(files: RunFiles, reference: RunFiles, experts: tuple[str, ...]) -> None:
+    assert losses(files.metrics) == losses(reference.metrics)
+    ours, theirs = lora_tensors(files, experts), lora_tensors(reference, experts)
+    assert ours.keys() == theirs.keys()
+    for key in ours:
+        assert torch.equal(ours[key], theirs[key]), key
+
+
+def test_a_run_killed_before_its_first_checkpoint_resumes_afresh(
+    tmp_path: Path, tiny_cache: Path, clips_dir: Path, tiny_model_dir: Path
+) -> None:
+    args = (tmp_path, clips_dir, tiny_model_dir, tiny_cache)
+    ref_job, _ = _job(*args, "ref", save_every=100, steps=30)
+    reference = train(ref_job, tiny_cache / "cache")
+    job, config = _job(*args, "killed", save_every=100, steps=30)
+    files = RunFiles.of(job)
+    proc = run_cli(config, tiny_cache)
+    _wait_for_lines(proc, files, 3)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert files.complete_steps(job.experts) == [] and files.metrics.stat().st_size > 0
+    # The training asset's retry: what TrainingLauncher.command runs.
+    resumed = run_cli(config, tiny_cache, "--resume", "--restart-on-new-data")
+    out, _ = resumed.communicate(timeout=240)
+    assert resumed.returncode == 0, out
+    assert "no checkpoint to resume" in out and "starts afresh" in out
+    _assert_same_run(files, reference.files, job.experts)
+    assert not any(is_temp_name(p.name) for p in files.root.iterdir())
+
+
+def test_one_trainer_per_run_folder(
+    tmp_path: Path, tiny_cache: Path, clips_dir: Path, tiny_model_dir: Path
+) -> None:
+    job, config = _job(tmp_path, clips_dir, tiny_model_dir, tiny_cache, "run", save_every=5, steps=5000)
+    files = RunFiles.of(job)
+    first = run_cli(config, tiny_cache)
+    _wait_for_lines(first, files, 6)
+    try:
+        for resume_run in (False, True):
+            with pytest.raises(TrainingError, match=rf"in use by another trainer \(PID {first.pid} on "):
+                train(job, tiny_cache / "cache", resume_run=resume_run, stop_after=1)
+        assert first.poll() is None, "the first trainer goes on"
+    finally:
+        os.kill(first.pid, signal.SIGKILL)
+        first.wait()
+    # Its lock file stays behind, naming a dead process: the next trainer takes it over.
+    assert (files.root / LOCK_NAME).read_text().startswith(f"{first.pid} ")
+    step = files.complete_steps(job.experts)[-1]
+    result = train(job, tiny_cache / "cache", resume_run=True, stop_after=step + 1)
+    assert result.files.root == files.root and len(read_lines(files.metrics)) == step + 1
+    assert (files.root / LOCK_NAME).read_text().startswith(f"{os.getpid()} ")
+    with claim(files):  # released when train returned
+        pass
+
+
+def test_the_lock_is_released_when_training_fails(
+    tmp_path: Path, tiny_cache: Path, clips_dir: Path, tiny_model_dir: Path
+) -> None:
+    job, _ = _job(tmp_path, clips_dir, tiny_model_dir, tiny_cache, "run", save_every=5, steps=2)
+    files = RunFiles.of(job)
+    files.root.mkdir(parents=True)
+    files.metrics.write_text("")
+    with pytest.raises(TrainingError, match="pass --resume"):
+        train(job, tiny_cache / "cache")
+    with claim(files), pytest.raises(TrainingError, match=rf"in use by another trainer \(PID {os.getpid()} "):
+        train(job, tiny_cache / "cache", resume_run=True)
+
+
+def test_resume_skips_a_corrupt_newest_checkpoint_and_removes_stale_temp_files(
+    tmp_path: Path, tiny_cache: Path, clips_dir: Path, tiny_model_dir: Path, capsys
+) -> None:
+    args = (tmp_path, clips_dir, tiny_model_dir, tiny_cache)
+    reference = train(_job(*args, "ref", save_every=2, steps=8)[0], tiny_cache / "cache")
+    job, _ = _job(*args, "broken", save_every=2, steps=8)
+    files = RunFiles.of(job)
+    train(job, tiny_cache / "cache", stop_after=6)
+    state = files.state(6)
+    state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])  # a disk that lost the tail
+    stale = [
+        files.root / f".{files.lora('high_noise', 8).name}.{uuid.uuid4().hex}.tmp",
+        files.samples / ".x.mp4.0.tmp",
+    ]
+    for path in stale:
+        path.parent.mkdir(exist_ok=True)
+        path.write_bytes(b"half")
+    capsys.readouterr()
+    train(job, tiny_cache / "cache", resume_run=True)
+    err = capsys.readouterr().err
+    assert "checkpoint at step 6 does not load, skipped: " in err and "resumed tiny_i2v_lora at step 4" in err
+    assert not any(p.exists() for p in stale)
+    _assert_same_run(files, reference.files, job.experts)

@@ -11,9 +11,10 @@ from __future__ import annotations
 import gc
 import hashlib
 import logging
-import shutil
 import time
 import uuid
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -36,7 +37,7 @@ from wan_assets.core.model import WanComponents, load_wan_model
 from wan_assets.core.optim import GradientStability, build_optimizer, clip_grad_norm, group_lr
 from wan_assets.core.perf import apply_training_options
 from wan_assets.core.reporting import ConsoleReporter, QuietReporter, Reporter
-from wan_assets.core.run_files import RunFiles, load_state, save_state
+from wan_assets.core.run_files import RunFiles, claim, save_state
 
 logger = logging.getLogger(__name__)
 MAX_CONSECUTIVE_OOM = 3
@@ -350,28 +351,35 @@ def _lora_metadata(parts: TrainParts, expert: str, step: int) -> dict[str, str]:
     }
 
 
-def resume(parts: TrainParts, state: TrainState, *, restart_on_new_data: bool = False) -> bool:
-    """Load the newest complete checkpoint; truncate the JSONL to its step. False if there is none.
+def resume(
+    parts: TrainParts,
+    state: TrainState,
+    *,
+    restart_on_new_data: bool = False,
+    log: Callable[[str], None] = logger.warning,
+) -> bool:
+    """Load the newest checkpoint that loads; truncate the JSONL to its step. False if there is none:
+    the run starts afresh in the same folder (killed before its first checkpoint keeps nothing).
 
     A checkpoint trained on another latent index (or other experts) cannot be resumed exactly: that
     is an error, or, with `restart_on_new_data` (the Dagster asset after new clips arrived), the old
-    run folder is kept aside as `<name>.<run_id>` and training starts afresh.
+    run's files are kept aside in `<name>.<run_id>` and training starts afresh.
     """
-    steps = parts.files.complete_steps(parts.experts)
-    if not steps:
+    files = parts.files
+    checkpoint = files.newest_loadable(parts.experts, log)
+    if checkpoint is None:
         if parts.dist.is_main:
-            truncate(parts.files.metrics, 0)  # killed before its first checkpoint: nothing to keep
+            truncate(files.metrics, 0)
         return False
-    step = steps[-1]
-    saved = load_state(parts.files.state(step))
-    problem = _resume_problem(parts, saved, parts.files.state(step))
+    step, saved = checkpoint.step, checkpoint.state
+    problem = _resume_problem(parts, saved, files.state(step))
     if problem is not None:
         if not restart_on_new_data:
             raise TrainingError(problem)
         if parts.dist.is_main:
-            archive = parts.files.root.with_name(f"{parts.files.root.name}.{saved['run_id']}")
-            shutil.move(parts.files.root, archive)
-            parts.files.root.mkdir(parents=True)
+            archive = files.root.with_name(f"{files.root.name}.{saved['run_id']}")
+            files.move_aside(archive)
+            log(f"{problem.split(';')[0]}: the old run's files are now in {archive}")
         parts.dist.barrier()
         return False
     with torch.no_grad():
@@ -380,12 +388,12 @@ def resume(parts: TrainParts, state: TrainState, *, restart_on_new_data: bool = 
                 p.copy_(value)
     parts.optimizer.load_state_dict(saved["optimizer"])
     parts.stability.load_state_dict(saved["gradient_stability"])
-    parts.scheduler.load(parts.files.alpha_scheduler(step))
+    parts.scheduler.load_state_dict(checkpoint.scheduler)
     for expert in parts.experts:
         set_lora_scale(parts.model.expert(expert), parts.scheduler.alpha(expert), expert)
     state.step, state.run_id = step, saved["run_id"]
     if parts.dist.is_main:
-        truncate(parts.files.metrics, step)
+        truncate(files.metrics, step)
     return True
 
 
@@ -444,16 +452,47 @@ def train(
     and reports.
     """
     dist = dist or Dist()
+    # One trainer per run folder, claimed before the model loads so a second one fails at once.
+    with _claimed(RunFiles.of(job), dist):
+        return _train(job, cache_dir, resume_run, restart_on_new_data, reporter, device, stop_after, dist)
+
+
+@contextmanager
+def _claimed(files: RunFiles, dist: Dist) -> Iterator[None]:
+    """Rank 0 holds the run folder's lock; every rank fails alike when another trainer has it."""
+    with ExitStack() as stack:
+        problem = ""
+        if dist.is_main:
+            try:
+                stack.enter_context(claim(files))
+            except TrainingError as exc:
+                problem = str(exc)
+        problem = dist.broadcast_str(problem)
+        if problem:
+            raise TrainingError(problem)
+        yield
+
+
+def _train(
+    job: JobConfig,
+    cache_dir: Path,
+    resume_run: bool,
+    restart_on_new_data: bool,
+    reporter: Reporter | None,
+    device: torch.device | None,
+    stop_after: int | None,
+    dist: Dist,
+) -> TrainResult:
     reporter = (reporter or ConsoleReporter()) if dist.is_main else QuietReporter()
     parts = build_parts(job, cache_dir, device, dist)
     # Every rank agrees on the run id (rank 0's), so a resumed or fresh run is one run.
     state = TrainState(run_id=dist.broadcast_str(uuid.uuid4().hex[:12]))
     files = parts.files
-    if dist.is_main:
-        files.root.mkdir(parents=True, exist_ok=True)
-    dist.barrier()
-    if resume_run and resume(parts, state, restart_on_new_data=restart_on_new_data):
-        reporter.log(f"resumed {job.name} at step {state.step} (run {state.run_id})")
+    if resume_run:
+        if resume(parts, state, restart_on_new_data=restart_on_new_data, log=reporter.log):
+            reporter.log(f"resumed {job.name} at step {state.step} (run {state.run_id})")
+        else:
+            reporter.log(f"no checkpoint to resume in {files.root}: {job.name} starts afresh")
     elif files.complete_steps(parts.experts) or files.metrics.exists():
         raise TrainingError(
             f"{files.root} already holds a run named {job.name!r}; pass --resume to continue it or change config.name"
