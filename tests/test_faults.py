@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import errno
 import io
+import json
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -18,6 +20,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from wan_assets.core.cache import EncoderHandle, cache_dataset, index_path
 from wan_assets.core.config import parse_config
 from wan_assets.core.errors import DiskFullError, TrainingError
 from wan_assets.core.files import is_temp_name, write_json, write_safetensors, write_text
@@ -25,6 +28,7 @@ from wan_assets.core.metrics_log import read_lines
 from wan_assets.core.run_files import LOCK_NAME, RunFiles, claim, load_state, save_state
 from wan_assets.core.train import train
 
+from .conftest import tiny_job_raw
 from .test_train import job_raw, lora_tensors, losses, run_cli
 
 # --- file modes ---------------------------------------------------------------------------------------
@@ -260,3 +264,44 @@ def test_resume_skips_a_corrupt_newest_checkpoint_and_removes_stale_temp_files(
     assert "checkpoint at step 6 does not load, skipped: " in err and "resumed tiny_i2v_lora at step 4" in err
     assert not any(p.exists() for p in stale)
     _assert_same_run(files, reference.files, job.experts)
+
+
+# --- the latent cache never shrinks by accident ---------------------------------------------------------
+
+
+def test_a_cache_run_that_loses_its_clips_keeps_the_index(
+    tmp_path: Path, clips_dir: Path, tiny_model_dir: Path, capsys
+) -> None:
+    clips = Path(shutil.copytree(clips_dir, tmp_path / "clips"))
+    job = parse_config(tiny_job_raw(clips, tiny_model_dir, steps=1), workdir=tmp_path).job
+    cache, encoder = tmp_path / "cache", EncoderHandle(str(tiny_model_dir))
+    good = cache_dataset(job, cache, encoder)
+    assert not good.failures
+    good_index = index_path(cache, job).read_text()
+
+    def move_folder_away_after(num_clips: int):
+        def progress(sources):
+            for i, source in enumerate(sources):
+                if i == num_clips:
+                    clips.rename(tmp_path / "moved")
+                yield source
+
+        return progress
+
+    partial = cache_dataset(job, cache, encoder, move_folder_away_after(3), prefetch=0)
+    assert len(partial.failures) == len(good.index.clips) - 3
+    assert sorted(partial.kept) == sorted(partial.failures)  # every failed clip kept its good entry
+    assert index_path(cache, job).read_text() == good_index
+
+    (tmp_path / "moved").rename(clips)
+    removed = sorted(clips.glob("*.mp4"))[0]
+    removed.unlink()  # on purpose: it leaves the index
+    smaller = cache_dataset(job, cache, encoder)
+    assert not smaller.failures and set(smaller.index.clips) == set(good.index.clips) - {removed.name}
+
+    capsys.readouterr()
+    result = train(job, cache)
+    data = json.loads(result.files.data.read_text())
+    num_train = sum(1 for split in smaller.index.splits.values() if split == "train")
+    assert data["num_clips"] == num_train and data["num_samples"] == 2 * num_train  # cache_variants: 2
+    assert f"training on {num_train} clips ({2 * num_train} cached samples" in capsys.readouterr().err

@@ -59,6 +59,11 @@ class RunFiles:
         return self.root / "config.yaml"
 
     @property
+    def data(self) -> Path:
+        """`data.json`: the latent index the run trains on and its clip and sample counts."""
+        return self.root / "data.json"
+
+    @property
     def samples(self) -> Path:
         return self.root / "samples"
 

@@ -29,7 +29,7 @@ from wan_assets.core.devices import pick_device
 from wan_assets.core.distributed import Dist
 from wan_assets.core.errors import TrainingError
 from wan_assets.core.experts import timestep_window
-from wan_assets.core.files import write_text
+from wan_assets.core.files import write_json, write_text
 from wan_assets.core.flow import noisy_input, per_sample_loss, sample_timesteps
 from wan_assets.core.lora import add_lora, save_lora, set_lora_scale
 from wan_assets.core.metrics_log import MetricsLog, truncate
@@ -457,6 +457,26 @@ def train(
         return _train(job, cache_dir, resume_run, restart_on_new_data, reporter, device, stop_after, dist)
 
 
+def _record_data(parts: TrainParts, cache_dir: Path) -> str:
+    """Write what the run trains on to `data.json` (read into the metrics database's `runs`); the
+    line to log. A cache run that lost clips must not go unnoticed (issue 14)."""
+    stream = parts.stream
+    clips = [key for keys in stream.buckets.values() for key in keys]
+    data = {
+        "index": str(index_path(cache_dir, parts.job)),
+        "index_hash": parts.index_hash,
+        "num_clips": len(clips),
+        "num_samples": sum(len(stream.index.clips[key].variants) for key in clips),
+        "num_val_clips": sum(1 for split in stream.index.splits.values() if split == "val"),
+        "buckets": {bucket: len(keys) for bucket, keys in sorted(stream.buckets.items())},
+    }
+    write_json(parts.files.data, data)
+    return (
+        f"training on {data['num_clips']} clips ({data['num_samples']} cached samples, "
+        f"{len(data['buckets'])} buckets; {data['num_val_clips']} held out) from {data['index']}"
+    )
+
+
 @contextmanager
 def _claimed(files: RunFiles, dist: Dist) -> Iterator[None]:
     """Rank 0 holds the run folder's lock; every rank fails alike when another trainer has it."""
@@ -497,6 +517,8 @@ def _train(
         raise TrainingError(
             f"{files.root} already holds a run named {job.name!r}; pass --resume to continue it or change config.name"
         )
+    if dist.is_main:
+        reporter.log(_record_data(parts, cache_dir))
     dist.barrier()  # every rank has looked at the run folder before rank 0 writes to it
     if dist.is_main:
         write_text(files.config, dump_config(job))
