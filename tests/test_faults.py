@@ -7,9 +7,11 @@ import errno
 import io
 import json
 import os
+import random
 import shutil
 import signal
 import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -305,3 +307,105 @@ def test_a_cache_run_that_loses_its_clips_keeps_the_index(
     num_train = sum(1 for split in smaller.index.splits.values() if split == "train")
     assert data["num_clips"] == num_train and data["num_samples"] == 2 * num_train  # cache_variants: 2
     assert f"training on {num_train} clips ({2 * num_train} cached samples" in capsys.readouterr().err
+
+
+# --- fault injection: kill a real trainer anywhere, resume, get the uninterrupted run -----------------
+
+# `wan-assets train` that SIGKILLs itself at one point: inside the save of a named file (half of
+# its temporary file written, not renamed yet) or in the middle of writing a step's JSONL line.
+DIE_AT = """
+import os, signal, sys
+from pathlib import Path
+
+kind, at = sys.argv[1], sys.argv[2]
+if kind == "file":
+    real_replace = os.replace
+
+    def replace(src, dst, *args, **kwargs):
+        if Path(dst).name == at:
+            os.truncate(src, Path(src).stat().st_size // 2)
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real_replace(src, dst, *args, **kwargs)
+
+    os.replace = replace
+else:
+    from wan_assets.core import metrics_log
+
+    real_write = metrics_log.MetricsLog.write
+
+    def write(self, record):
+        if record["step"] == int(at):
+            line = metrics_log.format_line(record)
+            self._handle.write(line[: len(line) // 2])
+            self._handle.flush()
+            os.kill(os.getpid(), signal.SIGKILL)
+        real_write(self, record)
+
+    metrics_log.MetricsLog.write = write
+
+from wan_assets.cli import main
+
+sys.exit(main(sys.argv[3:]))
+"""
+
+NUM_STEPS, SAVE_EVERY = 16, 4
+
+
+def _timeline(files: RunFiles) -> list[tuple[str, str]]:
+    """The kill points of an uninterrupted run, in the order it reaches them."""
+    points = [("file", files.config.name)]
+    for step in range(NUM_STEPS):
+        points.append(("line", str(step)))
+        if (step + 1) % SAVE_EVERY == 0:
+            saved = files.checkpoint_files(step + 1, ("high_noise", "low_noise"))
+            points += [("file", p.name) for p in saved]
+    return points + [("file", files.lora(e).name) for e in ("high_noise", "low_noise")]
+
+
+def _kill_points(files: RunFiles, seed: int) -> list[tuple[str, str]]:
+    """Before the first checkpoint, inside each kind of checkpoint file (one per checkpoint, in a
+    random order), inside a final LoRA, and two random steps."""
+    rng = random.Random(seed)
+    kinds = ["high_noise.safetensors", "low_noise.safetensors", "alpha_scheduler.json", "state.pt"]
+    rng.shuffle(kinds)
+    chosen = {("line", str(rng.randrange(SAVE_EVERY)))}
+    for i, kind in enumerate(kinds, 1):
+        chosen.add(("file", f"{files.name}_{i * SAVE_EVERY:09d}_{kind}"))
+    chosen.add(("file", files.lora(rng.choice(["high_noise", "low_noise"])).name))
+    chosen |= {("line", str(rng.randrange(SAVE_EVERY, NUM_STEPS))) for _ in range(2)}
+    timeline = _timeline(files)
+    assert chosen <= set(timeline)
+    return sorted(chosen, key=timeline.index)
+
+
+def test_killed_anywhere_resumes_to_the_same_run(
+    tmp_path: Path, tiny_cache: Path, clips_dir: Path, tiny_model_dir: Path
+) -> None:
+    args = (tmp_path, clips_dir, tiny_model_dir, tiny_cache)
+    common = dict(save_every=SAVE_EVERY, steps=NUM_STEPS, switch_boundary_every=3)
+    reference = train(_job(*args, "ref", **common)[0], tiny_cache / "cache").files
+    job, config = _job(*args, "killed", **common)
+    files = RunFiles.of(job)
+    cli = ["train", str(config), "--workdir", str(tiny_cache)]
+    for i, (kind, at) in enumerate(_kill_points(files, seed=14)):
+        resume = ["--resume"] if i else []
+        done = subprocess.run(
+            [sys.executable, "-c", DIE_AT, kind, at, *cli, *resume], capture_output=True, text=True
+        )
+        assert done.returncode == -signal.SIGKILL, (kind, at, done.stdout, done.stderr)
+        logged = losses(files.metrics) if files.metrics.exists() else []
+        assert logged == losses(reference.metrics)[: len(logged)], (kind, at)  # what it logged is the truth
+    done = subprocess.run(
+        [sys.executable, "-m", "wan_assets.cli", *cli, "--resume"], capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    _assert_same_run(files, reference, job.experts)
+    assert files.complete_steps(job.experts) == reference.complete_steps(job.experts)
+    for step in files.complete_steps(job.experts):
+        for expert in job.experts:
+            ours, theirs = (
+                load_file(str(files.lora(expert, step))),
+                load_file(str(reference.lora(expert, step))),
+            )
+            assert all(torch.equal(ours[k], theirs[k]) for k in theirs), (step, expert)
+    assert not any(is_temp_name(p.name) for p in files.root.iterdir())
