@@ -1,5 +1,6 @@
-"""The metrics database on a real tiny run: row counts, idempotence, resume, types, views, and the
-lock behaviour of DuckDB across processes (one read-write process XOR many read-only ones)."""
+"""The metrics database on a real tiny run: row counts, idempotence, resume, types, views, and
+concurrency: DuckDB lets one read-write process XOR many read-only ones open a file, so ingestion
+writes a copy and swaps it in, and no open session of a user blocks it."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import yaml
 
 from wan_assets.core.cache import EncoderHandle, cache_dataset
 from wan_assets.core.config import parse_config
-from wan_assets.core.metrics_db import DatabaseBusy, MetricsDbError, ingest_evaluations, ingest_run
+from wan_assets.core.metrics_db import DatabaseBusy, MetricsDbError, ingest_evaluations, ingest_run, load_run
 from wan_assets.core.metrics_log import METRIC_FIELDS, read_lines, truncate
 from wan_assets.core.metrics_report import format_table, query, summary
 from wan_assets.core.train import TrainResult, train
@@ -41,6 +42,36 @@ if sys.argv[2] == "rw":
 print("open", flush=True)
 time.sleep(float(sys.argv[3]))
 con.close()
+"""
+
+# A user's session left open (a notebook): runs each SQL line it is given on its one connection.
+SESSION = """
+import sys, duckdb
+con = duckdb.connect(sys.argv[1], read_only=sys.argv[2] == "ro")
+if sys.argv[2] == "rw":
+    con.begin()
+print("open", flush=True)
+for sql in sys.stdin:
+    print(con.execute(sql).fetchall()[0][0], flush=True)
+"""
+
+# An ingest that takes its turn and keeps it (a slow one), to show writers queue.
+TURN = """
+import fcntl, os, sys, time
+fd = os.open(sys.argv[1] + ".lock", os.O_RDWR | os.O_CREAT)
+fcntl.flock(fd, fcntl.LOCK_EX)
+os.ftruncate(fd, 0)  # as ingestion does: the last writer's PID may be longer
+os.write(fd, str(os.getpid()).encode())
+print("open", flush=True)
+time.sleep(60)
+"""
+
+INGEST = """
+import sys
+from pathlib import Path
+from wan_assets.core.metrics_db import ingest_run
+for _ in range(3):
+    ingest_run(Path(sys.argv[1]), Path(sys.argv[2]), run_id=sys.argv[3])
 """
 
 # A dashboard polling the database until told to stop; prints how many queries and counts it saw.
@@ -244,26 +275,81 @@ def test_query_refuses_writes_and_a_missing_database(db: Path, tmp_path: Path) -
         query(tmp_path / "absent.duckdb", "SELECT 1")
 
 
-def test_a_writer_waits_for_a_reader_that_closes(run: TrainResult, db: Path) -> None:
-    before = counts(db)
-    reader = hold(db, "ro", 1.5)
-    began = time.monotonic()
-    ingest_run(db, run.files.root, timeout_s=30)
-    assert time.monotonic() - began > 0.5  # it really waited: DuckDB refused it while the reader held on
-    assert reader.wait(timeout=10) == 0
-    assert counts(db) == before
+@pytest.mark.parametrize("mode", ["ro", "rw"])
+def test_an_open_session_never_blocks_ingestion(
+    run: TrainResult, db: Path, tmp_path: Path, mode: str
+) -> None:
+    session = subprocess.Popen(
+        [sys.executable, "-c", SESSION, str(db), mode],
+        cwd=REPO,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert session.stdout.readline().strip() == "open"
 
+    def ask(sql: str) -> int:
+        session.stdin.write(sql + "\n")
+        session.stdin.flush()
+        return int(session.stdout.readline())
 
-def test_a_writer_gives_up_clearly_on_a_reader_that_stays(run: TrainResult, db: Path, tmp_path: Path) -> None:
-    before = counts(db)
-    reader = hold(db, "ro", 60)
     try:
-        with pytest.raises(DatabaseBusy, match=rf"PID {reader.pid}\).*close that session"):
-            ingest_run(db, copy_run(run, tmp_path), run_id="another", timeout_s=1)
+        assert ask("SELECT count(*) FROM metrics") == NUM_STEPS
+        began = time.monotonic()
+        ingest_run(db, copy_run(run, tmp_path), run_id="another", timeout_s=5)
+        ingest_run(db, run.files.root, timeout_s=5)  # re-ingest: idempotent
+        assert time.monotonic() - began < 5
+        assert ask("SELECT count(*) FROM metrics") == NUM_STEPS  # the version it opened, still working
     finally:
-        reader.kill()
-        reader.wait()
-    assert counts(db) == before  # nothing lost, nothing half-written
+        session.stdin.close()
+        assert session.wait(timeout=30) == 0
+    _, [(num, distinct, runs)] = query(
+        db, "SELECT count(*), count(DISTINCT (run_id, step)), count(DISTINCT run_id) FROM metrics"
+    )
+    assert (num, distinct, runs) == (2 * NUM_STEPS, 2 * NUM_STEPS, 2)  # a new reader sees the new rows
+    assert not [p.name for p in db.parent.iterdir() if p.name.endswith((".tmp", ".wal"))]
+
+
+def test_ingests_queue_one_at_a_time(run: TrainResult, db: Path, tmp_path: Path) -> None:
+    turn = spawn(TURN, db)
+    assert turn.stdout.readline().strip() == "open"
+    try:
+        with pytest.raises(DatabaseBusy, match=rf"another ingest \(PID {turn.pid}\)"):
+            ingest_run(db, run.files.root, timeout_s=0.5)
+    finally:
+        turn.kill()
+        turn.wait()
+    # A killed ingest leaves its copy behind; the next one clears it.
+    (tmp_path / f".{db.name}.dead.tmp").write_bytes(b"half")
+    (tmp_path / f".{db.name}.dead.tmp.wal").write_bytes(b"half")
+    # Two processes ingesting at once, each from the file the other may just have replaced.
+    copies = {run_id: copy_run(run, tmp_path / run_id) for run_id in ("first", "second")}
+    ingests = [spawn(INGEST, db, run_dir, run_id) for run_id, run_dir in copies.items()]
+    assert [p.wait(timeout=120) for p in ingests] == [0, 0]
+    _, rows = query(db, "SELECT run_id, count(*) FROM metrics GROUP BY run_id")
+    assert dict(rows) == {"first": NUM_STEPS, run.run_id: NUM_STEPS, "second": NUM_STEPS}
+    assert not list(tmp_path.glob(f".{db.name}.*"))
+
+
+def test_load_run_brings_the_evaluations_along_once(run: TrainResult, tmp_path: Path) -> None:
+    db = tmp_path / "metrics.duckdb"
+    run_dir = copy_run(run, tmp_path)
+    scores = [
+        {"checkpoint": "base", "step": 0, "expert": "low_noise", "quantile": q, "val_loss": 1.0}
+        for q in (0.1, 0.9)
+    ]
+    (run_dir / "eval").mkdir(exist_ok=True)
+    (run_dir / "eval" / "scores.json").write_text(json.dumps(scores))
+    stats = load_run(db, run_dir)
+    assert (stats.num_metrics, stats.num_evaluations) == (NUM_STEPS, 2)
+    before = counts(db)
+    load_run(db, run_dir)
+    assert counts(db) == before and before["evaluations"] == 2
+    data = json.loads((run_dir / "data.json").read_text())
+    assert query(db, "SELECT num_clips, num_samples FROM runs")[1] == [
+        (data["num_clips"], data["num_samples"])
+    ]
+    assert data["num_clips"] > 0
 
 
 def test_a_reader_waits_for_a_writer_and_never_sees_its_open_transaction(db: Path) -> None:
@@ -285,7 +371,7 @@ def test_a_writer_gets_in_between_polling_readers(run: TrainResult, db: Path, tm
         waits.append(time.monotonic() - began)
     stop.touch()
     reports = [p.communicate(timeout=30)[0].split(maxsplit=1) for p in pollers]
-    # Without the turnstile, overlapping readers kept the writer out for up to 8 s per ingest.
+    # Writing in place, overlapping readers kept the writer out for up to 8 s per ingest.
     assert max(waits) < 3.0, waits
     for num_queries, seen in reports:
         assert int(num_queries) > 0 and seen.strip() == f"[{NUM_STEPS}]"  # whole ingests only

@@ -1,14 +1,11 @@
 """training_metrics (DESIGN 7): every JSONL field, transition, checkpoint and evaluation in DuckDB."""
 
-import json
-
 from dagster import AssetExecutionContext, MaterializeResult, MetadataValue, asset
 
 from resources.project import WanProjectResource
 from wan_assets.assets.training import LORA_KEYS, evaluated_checkpoints
 from wan_assets.automation import EVALUATE
-from wan_assets.core.evaluation import scores_path
-from wan_assets.core.metrics_db import ingest_evaluations, ingest_run
+from wan_assets.core.metrics_db import load_run
 from wan_assets.core.metrics_report import query, summary
 from wan_assets.core.run_files import RunFiles
 from wan_assets.metadata import table_metadata
@@ -23,14 +20,11 @@ from wan_assets.metadata import table_metadata
 def training_metrics(context: AssetExecutionContext, project: WanProjectResource) -> MaterializeResult:
     """The run's metrics JSONL, phase transitions, checkpoints and evaluation scores loaded into the
     workdir's DuckDB file (tables runs, metrics, phase_transitions, checkpoints, evaluations and
-    views). Re-materializing replaces the run's rows: no duplicates. Query with `wan-assets sql`."""
+    views). Re-materializing replaces the run's rows: no duplicates. Open readers never block it (it
+    writes a copy and swaps it in). Query with `wan-assets sql`."""
     files = RunFiles.of(project.job())
     database = project.root().database
-    stats = ingest_run(database, files.root)
-    scores = scores_path(files)
-    num_scores = (
-        ingest_evaluations(database, stats.run_id, json.loads(scores.read_text())) if scores.is_file() else 0
-    )
+    stats = load_run(database, files.root)  # the same call `wan-assets train` makes when it ends
     columns, rows = query(database, "SELECT * FROM run_summary WHERE run_id = ?", [stats.run_id])
     context.log.info(summary(database))
     return MaterializeResult(
@@ -40,7 +34,7 @@ def training_metrics(context: AssetExecutionContext, project: WanProjectResource
             "metrics_rows": stats.num_metrics,
             "phase_transitions": stats.num_transitions,
             "checkpoints": stats.num_checkpoints,
-            "evaluation_rows": num_scores,
+            "evaluation_rows": stats.num_evaluations,
             "run_summary": table_metadata([dict(zip(columns, row, strict=True)) for row in rows]),
         }
     )

@@ -8,6 +8,7 @@ a bad clip fails alone with a message naming the file and the reason.
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 from collections import deque
 from collections.abc import Callable, Iterable
@@ -392,19 +393,38 @@ def build_index(job: JobConfig, records: Iterable[ClipRecord], cache_dir: Path) 
 
 
 def load_index(path: Path) -> LatentIndex:
-    import json
-
     data = json.loads(path.read_text())
     if data.get("version") != INDEX_VERSION:
         raise ValueError(
             f"{path}: latent index version {data.get('version')} unsupported; re-run `wan-assets cache`"
         )
+    return _index_from_json(data, path)
+
+
+def _index_from_json(data: dict, path: Path) -> LatentIndex:
     clips = {
         k: ClipRecord.from_json({f: v for f, v in c.items() if f != "split"})
         for k, c in data["clips"].items()
     }
     splits = {k: c["split"] for k, c in data["clips"].items()}
     return LatentIndex(data["job"], path.parent.parent, clips, splits)
+
+
+def previous_records(path: Path) -> dict[str, ClipRecord]:
+    """The clips of the index a new cache run replaces whose latent and text files are all still
+    there; nothing when there is no index yet or it is of another version (it is rebuilt whole)."""
+    if not path.is_file():
+        return {}
+    data = json.loads(path.read_text())
+    if data.get("version") != INDEX_VERSION:
+        return {}
+    index = _index_from_json(data, path)
+    return {key: record for key, record in index.clips.items() if _files_present(record, index.cache_dir)}
+
+
+def _files_present(record: ClipRecord, cache_dir: Path) -> bool:
+    files = [v.file for v in record.variants] + [record.text_file, record.empty_text_file]
+    return all((cache_dir / f).is_file() for f in files)
 
 
 # --- the whole cache without Dagster ----------------------------------------------------------------
@@ -415,6 +435,8 @@ class CacheReport:
     index: LatentIndex
     failures: dict[str, str]  # clip path -> reason
     warnings: dict[str, str]
+    # Clip paths among `failures` that stay in the index with their last good latents.
+    kept: list[str] = field(default_factory=list)
 
 
 def cache_dataset(
@@ -427,11 +449,16 @@ def cache_dataset(
 ) -> CacheReport:
     """Process every clip; failures are collected, never raised, so one bad clip stops nothing.
 
+    The index never shrinks by accident: a clip that fails this time (a folder unmounted mid-run, a
+    file being replaced) keeps its entry from the previous index while its files are there, and is
+    reported in `failures` and `kept`. Only a clip no longer in the dataset folders leaves it.
+
     While the encoders work on one clip, `prefetch` worker threads probe, read and bucket the next
     clips' frames (PyAV and torch release the GIL there), so decoding stays off the critical path.
     Clips are encoded and reported in the same order as without prefetching: same files, same index.
     """
-    records, failures, warnings = [], {}, {}
+    records, failures, warnings, kept = [], {}, {}, []
+    previous = previous_records(index_path(cache_dir, job))
     clips = iter(progress(discover_clips(job)))
     with ThreadPoolExecutor(max_workers=max(prefetch, 1), thread_name_prefix="decode") as pool:
         pending: deque[tuple[ClipSource, Future]] = deque()
@@ -451,13 +478,16 @@ def cache_dataset(
                 record = finish_clip(future.result(), encoder, cache_dir)
             except CLIP_ERRORS as exc:
                 failures[str(source.path)] = str(exc)
+                if source.key in previous:
+                    records.append(previous[source.key])
+                    kept.append(str(source.path))
             else:
                 records.append(record)
                 if record.warning:
                     warnings[str(source.path)] = record.warning
             if prefetch == 0:
                 submit_next()
-    return CacheReport(build_index(job, records, cache_dir), failures, warnings)
+    return CacheReport(build_index(job, records, cache_dir), failures, warnings, kept)
 
 
 def _prepare(source: ClipSource, job: JobConfig, encoder: EncoderHandle, cache_dir: Path) -> PreparedClip:

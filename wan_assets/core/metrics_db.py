@@ -7,36 +7,28 @@ Ingestion is idempotent: a run's rows are deleted and re-inserted in one transac
 re-ingesting a run, or a resumed run whose JSONL was truncated and continued, leaves exactly one
 row per step.
 
-Concurrency, as DuckDB 2.0 behaves (measured, see tests/test_metrics_db.py):
-
-- Across processes a file is open read-write in ONE process, or read-only in any number of
-  processes, never both. A conflicting `duckdb.connect` does not wait: it fails at once with
-  "Could not set lock on file ... Conflicting lock is held in <exe> (PID n)". A read-only reader
-  therefore blocks every writer for as long as it keeps the file open, and a writer blocks every
-  reader.
-- Within one process, read-only and read-write connections to the same file cannot coexist
-  ("different configuration"); several connections of the same kind share one database.
-- A writer killed mid-transaction leaves a `.wal` file: the uncommitted work is lost, the
-  committed data is intact, and readers and the next writer open the file normally.
-- DuckDB has no queue: readers whose queries overlap can keep a writer out indefinitely.
-
-So every connection here is short: writers open read-write, write one transaction, close;
-readers open read-only, run one query, fetch, close. Both retry a lock conflict with backoff for
-a bounded time (`WRITE_TIMEOUT_S`, `READ_TIMEOUT_S`) and then raise `DatabaseBusy`, naming the
-process that holds the file and what to do. Writers also hold an flock on `<db>.turnstile` while
-they wait and write, and readers pass through it before opening, so a waiting writer stops new
-readers and gets the file once the running queries end (writers queue one at a time). A user who
-keeps the file open in the duckdb CLI (even with `-readonly`) bypasses the turnstile and holds
-off ingestion until they close it; `wan-assets sql` never does.
+Concurrency. DuckDB 2.0 lets one process open a file read-write, or any number open it read-only,
+never both, and fails a conflicting `connect` at once (measured, see tests/test_metrics_db.py).
+Writing in place would let any reader, even a read-only duckdb CLI left open, hold ingestion off.
+So ingestion never writes the file readers open: under an flock on `<db>.lock` (writers queue one
+at a time) it copies the database to a hidden temporary file, writes one transaction there,
+closes it and renames it over `metrics.duckdb` (`os.replace`, atomic). A session that has the file
+open keeps reading the version it opened (on Linux an open file survives the rename); a new
+connection sees the new data; nobody ever sees a half-written ingest. Readers wait only for a
+user's own read-write session on the file (DuckDB's lock), with backoff up to `READ_TIMEOUT_S`.
+Writes made to `metrics.duckdb` by anyone else are replaced by the next ingest: it is a product
+of the run folders, rebuilt from them by re-materializing `training_metrics`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import json
 import math
 import os
 import re
+import shutil
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -48,12 +40,13 @@ import duckdb
 
 from wan_assets.core.errors import MetricsDbError
 from wan_assets.core.experts import EXPERTS
+from wan_assets.core.files import atomic_output
 from wan_assets.core.metrics_log import METRIC_FIELDS, read_lines
 
 if TYPE_CHECKING:
     from wan_assets.core.run_files import RunFiles
 
-WRITE_TIMEOUT_S = 30.0  # an ingest holds the file well under a second; longer means a held session
+WRITE_TIMEOUT_S = 30.0  # how long an ingest waits for the ones queued before it (each takes about a second)
 READ_TIMEOUT_S = 10.0
 RUN_STATUSES = ("running", "finished", "failed")
 BASE_CHECKPOINT = "base"  # `evaluations.checkpoint` of the base model (no LoRA), scored as step 0
@@ -69,7 +62,8 @@ TABLES: dict[str, tuple[dict[str, str], tuple[str, ...]]] = {
     "runs": (
         _columns(
             "run_id VARCHAR, name VARCHAR, config_hash VARCHAR, experts VARCHAR[], started TIMESTAMPTZ, "
-            "finished TIMESTAMPTZ, status VARCHAR, steps BIGINT, run_dir VARCHAR"
+            "finished TIMESTAMPTZ, status VARCHAR, steps BIGINT, run_dir VARCHAR, num_clips BIGINT, "
+            "num_samples BIGINT"
         ),
         ("run_id",),
     ),
@@ -136,7 +130,7 @@ VIEWS: dict[str, str] = {
 
 
 class DatabaseBusy(MetricsDbError):
-    """Another process held the file past the retry window (DuckDB: one writer XOR many readers)."""
+    """Another process held the file (a read-write session) or the writers' lock past the retry window."""
 
 
 @dataclass(frozen=True)
@@ -145,6 +139,7 @@ class IngestStats:
     num_metrics: int
     num_transitions: int
     num_checkpoints: int
+    num_evaluations: int = 0
 
 
 def ensure_schema(con: duckdb.DuckDBPyConnection) -> None:
@@ -174,38 +169,28 @@ def _attempts(deadline: float) -> Iterator[None]:
         delay = min(delay * 2, 0.5)
 
 
-def _turnstile(db_path: Path) -> Path:
-    return db_path.with_name(db_path.name + ".turnstile")
-
-
-def _take_turn(fd: int, deadline: float) -> bool:
-    for _ in _attempts(deadline):
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return True
-        except BlockingIOError:
-            continue
-    return False
-
-
-def _turn_holder(path: Path) -> str:
-    pid = path.read_text(encoding="utf-8").strip()  # written by the writer that holds the turn
-    return f"PID {pid}" if pid else "PID unknown"
+def _writers_lock(db_path: Path) -> Path:
+    return db_path.with_name(db_path.name + ".lock")
 
 
 @contextmanager
 def _writer_turn(db_path: Path, deadline: float, timeout_s: float) -> Iterator[None]:
-    """Hold the turnstile while writing. DuckDB has no queue: overlapping readers alone can keep its
-    lock from a writer for ever (measured: 8 s waits with three polling readers). Readers pass
-    through the turnstile before they open, so a waiting writer stops new readers and gets the
-    file as soon as the current queries end."""
-    path = _turnstile(db_path)
+    """Hold `<db>.lock` while copying, writing and swapping: two ingests must not both start from
+    the same old file (the second swap would drop the first one's rows)."""
+    path = _writers_lock(db_path)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        if not _take_turn(fd, deadline):
+        for _ in _attempts(deadline):
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                continue
+        else:
+            pid = path.read_text(encoding="utf-8").strip() or "unknown"
             raise DatabaseBusy(
-                f"metrics database {db_path} is busy: another writer ({_turn_holder(path)}) still held it "
-                f"after {timeout_s:g}s; writers queue one at a time, re-run when it is done"
+                f"metrics database {db_path} is busy: another ingest (PID {pid}) still held it after "
+                f"{timeout_s:g}s; writers queue one at a time, re-run when it is done"
             )
         os.ftruncate(fd, 0)
         os.pwrite(fd, str(os.getpid()).encode(), 0)
@@ -214,19 +199,14 @@ def _writer_turn(db_path: Path, deadline: float, timeout_s: float) -> Iterator[N
         os.close(fd)  # releases the turn
 
 
-def _wait_for_writers(db_path: Path, deadline: float, timeout_s: float) -> None:
-    path = _turnstile(db_path)
-    if not path.is_file():
-        return  # no writer ever used this file
-    fd = os.open(path, os.O_RDONLY)  # flock works on a read-only descriptor: readers need no write access
-    try:
-        if not _take_turn(fd, deadline):
-            raise DatabaseBusy(
-                f"metrics database {db_path} is busy: a writer ({_turn_holder(path)}) was still writing "
-                f"or waiting to write after {timeout_s:g}s; retry in a moment"
-            )
-    finally:
-        os.close(fd)
+def _wal(db_path: Path) -> Path:
+    return db_path.with_name(db_path.name + ".wal")
+
+
+def _remove_stale_copies(db_path: Path) -> None:
+    """Temporary copies (and their WALs) of ingests that were killed; called under the writers' lock."""
+    for path in db_path.parent.glob(f".{db_path.name}.*.tmp*"):
+        path.unlink(missing_ok=True)
 
 
 def _is_lock_conflict(exc: duckdb.Error) -> bool:
@@ -240,67 +220,64 @@ def _holder(exc: duckdb.Error) -> str:
     if match:
         return f"{Path(match.group(1)).name} (PID {match.group(2)})"
     if "different configuration" in str(exc):
-        return "this process (an open connection of the other kind, read-only vs read-write)"
+        return "this process (an open read-write connection)"
     return "another process"
 
 
-def _busy_message(db_path: Path, exc: duckdb.Error, read_only: bool, timeout_s: float) -> str:
-    holder = _holder(exc)
-    if read_only:
-        return (
-            f"metrics database {db_path} is busy: {holder} has it open for writing and still did after "
-            f"{timeout_s:g}s; retry in a moment, or close that session if it is a long-lived one"
-        )
-    return (
-        f"metrics database {db_path} is busy: {holder} has it open and still did after {timeout_s:g}s. "
-        "DuckDB lets one process write or several read, never both: close that session (a duckdb CLI, "
-        "notebook or script holding the file, read-only included), query through `wan-assets sql` "
-        "(it opens, reads and closes), then re-run; ingestion is idempotent"
-    )
-
-
-def _open(db_path: Path, *, read_only: bool, deadline: float, timeout_s: float) -> duckdb.DuckDBPyConnection:
-    """duckdb.connect, retrying lock conflicts (DuckDB fails them at once) until the deadline."""
+def _open_read_only(db_path: Path, deadline: float, timeout_s: float) -> duckdb.DuckDBPyConnection:
+    """duckdb.connect, retrying the conflict with a read-write session (DuckDB fails it at once)."""
     for _ in _attempts(deadline):
         try:
-            return duckdb.connect(str(db_path), read_only=read_only)
+            return duckdb.connect(str(db_path), read_only=True)
         except (duckdb.IOException, duckdb.ConnectionException) as exc:
             if not _is_lock_conflict(exc):
                 raise
             conflict = exc
-    raise DatabaseBusy(_busy_message(db_path, conflict, read_only, timeout_s))
+    raise DatabaseBusy(
+        f"metrics database {db_path} is busy: {_holder(conflict)} has it open for writing and still did "
+        f"after {timeout_s:g}s; close that session (ingestion never opens this file for writing, so "
+        "it is someone's own), or retry in a moment"
+    )
 
 
 @contextmanager
 def writer(db_path: Path, timeout_s: float = WRITE_TIMEOUT_S) -> Iterator[duckdb.DuckDBPyConnection]:
-    """A read-write connection inside one transaction, closed (lock released) on exit."""
+    """A read-write connection to a copy of the database inside one transaction; when the block
+    ends without error the copy replaces the database in one rename (see the module docstring)."""
     db_path = Path(db_path)
     db_path.parent.mkdir(parents=True, exist_ok=True)
-    deadline = time.monotonic() + timeout_s
-    with _writer_turn(db_path, deadline, timeout_s):
-        con = _open(db_path, read_only=False, deadline=deadline, timeout_s=timeout_s)
-        try:
-            con.begin()
+    with _writer_turn(db_path, time.monotonic() + timeout_s, timeout_s):
+        _remove_stale_copies(db_path)
+        with atomic_output(db_path) as copy:
+            if db_path.is_file():
+                shutil.copyfile(db_path, copy)
+            if _wal(db_path).is_file():
+                # Committed work of a writer that did not checkpoint (a killed one): replayed into the
+                # copy. DuckDB refuses to open a file next to a WAL that is not its own, so it goes
+                # before the rename.
+                shutil.copyfile(_wal(db_path), _wal(copy))
+            con = duckdb.connect(str(copy))
             try:
-                ensure_schema(con)
-                yield con
-            except BaseException:
-                con.rollback()
-                raise
-            con.commit()
-        finally:
-            con.close()
+                con.begin()
+                try:
+                    ensure_schema(con)
+                    yield con
+                except BaseException:
+                    con.rollback()
+                    raise
+                con.commit()
+            finally:
+                con.close()  # checkpoints: the copy is one self-contained file
+            _wal(db_path).unlink(missing_ok=True)
 
 
 @contextmanager
 def reader(db_path: Path, timeout_s: float = READ_TIMEOUT_S) -> Iterator[duckdb.DuckDBPyConnection]:
-    """A read-only connection, closed on exit so that it holds writers off no longer than its use."""
+    """A read-only connection, closed on exit."""
     db_path = Path(db_path)
     if not db_path.is_file():
         raise MetricsDbError(f"no metrics database at {db_path}; run training or `wan-assets demo` first")
-    deadline = time.monotonic() + timeout_s
-    _wait_for_writers(db_path, deadline, timeout_s)
-    con = _open(db_path, read_only=True, deadline=deadline, timeout_s=timeout_s)
+    con = _open_read_only(db_path, time.monotonic() + timeout_s, timeout_s)
     try:
         yield con
     finally:
@@ -339,6 +316,38 @@ def ingest_run(
 
     `run_id` defaults to the JSONL's; `config_hash` to the sha256 of the run's config.yaml.
     """
+    rows = read_run(run_dir, run_id=run_id, status=status, config_hash=config_hash)
+    with writer(db_path, timeout_s) as con:
+        return _write_run(con, rows)
+
+
+def load_run(db_path: Path, run_dir: Path, *, timeout_s: float = WRITE_TIMEOUT_S) -> IngestStats:
+    """A finished run folder and its evaluation scores (`eval/scores.json`, when evaluated), in one
+    ingest: what the training_metrics asset loads, and `wan-assets train` when it ends."""
+    from wan_assets.core.evaluation import scores_path  # imports torch: keep `wan-assets sql` light
+
+    rows = read_run(run_dir)
+    scores = scores_path(rows.files)
+    evaluations = json.loads(scores.read_text(encoding="utf-8")) if scores.is_file() else []
+    with writer(db_path, timeout_s) as con:
+        stats = _write_run(con, rows)
+        return dataclasses.replace(stats, num_evaluations=_write_evaluations(con, stats.run_id, evaluations))
+
+
+@dataclass(frozen=True)
+class RunRows:
+    """What a run folder puts into each table."""
+
+    files: RunFiles
+    run: dict[str, Any]
+    metrics: list[dict[str, Any]]
+    transitions: list[dict[str, Any]]
+    checkpoints: list[dict[str, Any]]
+
+
+def read_run(
+    run_dir: Path, *, run_id: str | None = None, status: str = "finished", config_hash: str | None = None
+) -> RunRows:
     from wan_assets.core.run_files import RunFiles  # imports torch: keep `wan-assets sql` light
 
     if status not in RUN_STATUSES:
@@ -360,17 +369,34 @@ def ingest_run(
         for t in scheduler.get("transitions", [])
         if t["step"] <= last_step  # a scheduler file left ahead of a truncated JSONL by a crash
     ]
-    checkpoints = checkpoint_rows(files, run_id, num_steps=last_step + 1)
     experts = list(scheduler.get("experts") or [e for e in EXPERTS if any(m["expert"] == e for m in metrics)])
-    with writer(db_path, timeout_s) as con:
-        for table in ("metrics", "phase_transitions", "checkpoints", "runs"):
-            con.execute(f"DELETE FROM {table} WHERE run_id = ?", [run_id])
-        _insert(con, "metrics", metrics)
-        _insert(con, "phase_transitions", transitions)
-        # REPLACE: a path re-used by a later run of the same name now belongs to that run.
-        _insert(con, "checkpoints", checkpoints, replace=True)
-        _insert_run(con, run_id, files, experts, status, config_hash or files.config_hash())
-    return IngestStats(run_id, len(metrics), len(transitions), len(checkpoints))
+    data = (
+        json.loads(files.data.read_text(encoding="utf-8")) if files.data.is_file() else {}
+    )  # older runs lack it
+    run = {
+        "run_id": run_id,
+        "name": files.name,
+        "config_hash": config_hash or files.config_hash(),
+        "experts": experts,
+        "status": status,
+        "run_dir": str(files.root),
+        "num_clips": data.get("num_clips"),
+        "num_samples": data.get("num_samples"),
+    }
+    checkpoints = checkpoint_rows(files, run_id, num_steps=last_step + 1)
+    return RunRows(files, run, metrics, transitions, checkpoints)
+
+
+def _write_run(con: duckdb.DuckDBPyConnection, rows: RunRows) -> IngestStats:
+    run_id = rows.run["run_id"]
+    for table in ("metrics", "phase_transitions", "checkpoints", "runs"):
+        con.execute(f"DELETE FROM {table} WHERE run_id = ?", [run_id])
+    _insert(con, "metrics", rows.metrics)
+    _insert(con, "phase_transitions", rows.transitions)
+    # REPLACE: a path re-used by a later run of the same name now belongs to that run.
+    _insert(con, "checkpoints", rows.checkpoints, replace=True)
+    _insert_run(con, rows.run)
+    return IngestStats(run_id, len(rows.metrics), len(rows.transitions), len(rows.checkpoints))
 
 
 def metric_rows(lines: list[dict[str, Any]], run_id: str | None, source: Path) -> list[dict[str, Any]]:
@@ -423,23 +449,18 @@ def checkpoint_rows(files: RunFiles, run_id: str, *, num_steps: int) -> list[dic
     return sorted(rows, key=lambda r: (r["expert"], r["final"], r["step"]))
 
 
-def _insert_run(
-    con: duckdb.DuckDBPyConnection,
-    run_id: str,
-    files: RunFiles,
-    experts: list[str],
-    status: str,
-    config_hash: str | None,
-) -> None:
+def _insert_run(con: duckdb.DuckDBPyConnection, run: dict[str, Any]) -> None:
     # started/finished come from the typed timestamps: ISO strings with offsets do not sort as text.
     con.execute(
         """
-        INSERT INTO runs (run_id, name, config_hash, experts, started, finished, status, steps, run_dir)
-        SELECT $1, $2, $3, $4::VARCHAR[], min(timestamp),
-               CASE WHEN $5 = 'running' THEN NULL ELSE max(timestamp) END, $5, count(*), $6
-        FROM metrics WHERE run_id = $1
+        INSERT INTO runs (run_id, name, config_hash, experts, started, finished, status, steps, run_dir,
+                          num_clips, num_samples)
+        SELECT $run_id, $name, $config_hash, $experts::VARCHAR[], min(timestamp),
+               CASE WHEN $status = 'running' THEN NULL ELSE max(timestamp) END, $status, count(*), $run_dir,
+               $num_clips, $num_samples
+        FROM metrics WHERE run_id = $run_id
         """,
-        [run_id, files.name, config_hash, experts, status, str(files.root)],
+        run,
     )
 
 
@@ -448,6 +469,11 @@ def ingest_evaluations(
 ) -> int:
     """Upsert validation losses; each row: checkpoint (a LoRA path or 'base'), step, expert, quantile,
     val_loss. Re-scoring a checkpoint replaces its rows; other checkpoints' scores stay."""
+    with writer(db_path, timeout_s) as con:
+        return _write_evaluations(con, run_id, rows)
+
+
+def _write_evaluations(con: duckdb.DuckDBPyConnection, run_id: str, rows: list[dict[str, Any]]) -> int:
     needed = ("checkpoint", "step", "expert", "quantile", "val_loss")
     clean = []
     for row in rows:
@@ -460,5 +486,4 @@ def ingest_evaluations(
         clean.append(
             {**row, "run_id": run_id, "checkpoint": checkpoint, "val_loss": _finite(row["val_loss"])}
         )
-    with writer(db_path, timeout_s) as con:
-        return _insert(con, "evaluations", clean, replace=True)
+    return _insert(con, "evaluations", clean, replace=True)

@@ -12,6 +12,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from wan_assets.core.files import write_text
+
 # Field -> DuckDB type: the one definition of the schema (training writes it, DuckDB loads it).
 METRIC_FIELDS: dict[str, str] = {
     "run_id": "VARCHAR",
@@ -89,9 +91,7 @@ def truncate(path: Path, num_steps: int) -> int:
     if not path.is_file():
         return 0
     kept = [line for line in read_lines(path) if line["step"] < num_steps]
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(json.dumps(line) + "\n" for line in kept), encoding="utf-8")
-    os.replace(tmp, path)
+    write_text(path, "".join(json.dumps(line) + "\n" for line in kept))
     return len(kept)
 
 

@@ -11,9 +11,10 @@ from __future__ import annotations
 import gc
 import hashlib
 import logging
-import shutil
 import time
 import uuid
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -28,7 +29,7 @@ from wan_assets.core.devices import pick_device
 from wan_assets.core.distributed import Dist
 from wan_assets.core.errors import TrainingError
 from wan_assets.core.experts import timestep_window
-from wan_assets.core.files import write_text
+from wan_assets.core.files import write_json, write_text
 from wan_assets.core.flow import noisy_input, per_sample_loss, sample_timesteps
 from wan_assets.core.lora import add_lora, save_lora, set_lora_scale
 from wan_assets.core.metrics_log import MetricsLog, truncate
@@ -37,7 +38,7 @@ from wan_assets.core.optim import GradientStability, build_optimizer, clip_grad_
 from wan_assets.core.perf import apply_training_options
 from wan_assets.core.precision import DTYPES, autocast
 from wan_assets.core.reporting import ConsoleReporter, QuietReporter, Reporter
-from wan_assets.core.run_files import RunFiles, load_state, save_state
+from wan_assets.core.run_files import RunFiles, claim, save_state
 from wan_assets.core.sampling import TrainingSampler
 
 logger = logging.getLogger(__name__)
@@ -359,28 +360,35 @@ def _lora_metadata(parts: TrainParts, expert: str, step: int) -> dict[str, str]:
     }
 
 
-def resume(parts: TrainParts, state: TrainState, *, restart_on_new_data: bool = False) -> bool:
-    """Load the newest complete checkpoint; truncate the JSONL to its step. False if there is none.
+def resume(
+    parts: TrainParts,
+    state: TrainState,
+    *,
+    restart_on_new_data: bool = False,
+    log: Callable[[str], None] = logger.warning,
+) -> bool:
+    """Load the newest checkpoint that loads; truncate the JSONL to its step. False if there is none:
+    the run starts afresh in the same folder (killed before its first checkpoint keeps nothing).
 
     A checkpoint trained on another latent index (or other experts) cannot be resumed exactly: that
     is an error, or, with `restart_on_new_data` (the Dagster asset after new clips arrived), the old
-    run folder is kept aside as `<name>.<run_id>` and training starts afresh.
+    run's files are kept aside in `<name>.<run_id>` and training starts afresh.
     """
-    steps = parts.files.complete_steps(parts.experts)
-    if not steps:
+    files = parts.files
+    checkpoint = files.newest_loadable(parts.experts, log)
+    if checkpoint is None:
         if parts.dist.is_main:
-            truncate(parts.files.metrics, 0)  # killed before its first checkpoint: nothing to keep
+            truncate(files.metrics, 0)
         return False
-    step = steps[-1]
-    saved = load_state(parts.files.state(step))
-    problem = _resume_problem(parts, saved, parts.files.state(step))
+    step, saved = checkpoint.step, checkpoint.state
+    problem = _resume_problem(parts, saved, files.state(step))
     if problem is not None:
         if not restart_on_new_data:
             raise TrainingError(problem)
         if parts.dist.is_main:
-            archive = parts.files.root.with_name(f"{parts.files.root.name}.{saved['run_id']}")
-            shutil.move(parts.files.root, archive)
-            parts.files.root.mkdir(parents=True)
+            archive = files.root.with_name(f"{files.root.name}.{saved['run_id']}")
+            files.move_aside(archive)
+            log(f"{problem.split(';')[0]}: the old run's files are now in {archive}")
         parts.dist.barrier()
         return False
     with torch.no_grad():
@@ -389,12 +397,12 @@ def resume(parts: TrainParts, state: TrainState, *, restart_on_new_data: bool = 
                 p.copy_(value)
     parts.optimizer.load_state_dict(saved["optimizer"])
     parts.stability.load_state_dict(saved["gradient_stability"])
-    parts.scheduler.load(parts.files.alpha_scheduler(step))
+    parts.scheduler.load_state_dict(checkpoint.scheduler)
     for expert in parts.experts:
         set_lora_scale(parts.model.expert(expert), parts.scheduler.alpha(expert), expert)
     state.step, state.run_id = step, saved["run_id"]
     if parts.dist.is_main:
-        truncate(parts.files.metrics, step)
+        truncate(files.metrics, step)
     return True
 
 
@@ -453,20 +461,73 @@ def train(
     and reports.
     """
     dist = dist or Dist()
+    # One trainer per run folder, claimed before the model loads so a second one fails at once.
+    with _claimed(RunFiles.of(job), dist):
+        return _train(job, cache_dir, resume_run, restart_on_new_data, reporter, device, stop_after, dist)
+
+
+def _record_data(parts: TrainParts, cache_dir: Path) -> str:
+    """Write what the run trains on to `data.json` (read into the metrics database's `runs`); the
+    line to log: a cache run that lost clips must not go unnoticed."""
+    stream = parts.stream
+    clips = [key for keys in stream.buckets.values() for key in keys]
+    data = {
+        "index": str(index_path(cache_dir, parts.job)),
+        "index_hash": parts.index_hash,
+        "num_clips": len(clips),
+        "num_samples": sum(len(stream.index.clips[key].variants) for key in clips),
+        "num_val_clips": sum(1 for split in stream.index.splits.values() if split == "val"),
+        "buckets": {bucket: len(keys) for bucket, keys in sorted(stream.buckets.items())},
+    }
+    write_json(parts.files.data, data)
+    return (
+        f"training on {data['num_clips']} clips ({data['num_samples']} cached samples, "
+        f"{len(data['buckets'])} buckets; {data['num_val_clips']} held out) from {data['index']}"
+    )
+
+
+@contextmanager
+def _claimed(files: RunFiles, dist: Dist) -> Iterator[None]:
+    """Rank 0 holds the run folder's lock; every rank fails alike when another trainer has it."""
+    with ExitStack() as stack:
+        problem = ""
+        if dist.is_main:
+            try:
+                stack.enter_context(claim(files))
+            except TrainingError as exc:
+                problem = str(exc)
+        problem = dist.broadcast_str(problem)
+        if problem:
+            raise TrainingError(problem)
+        yield
+
+
+def _train(
+    job: JobConfig,
+    cache_dir: Path,
+    resume_run: bool,
+    restart_on_new_data: bool,
+    reporter: Reporter | None,
+    device: torch.device | None,
+    stop_after: int | None,
+    dist: Dist,
+) -> TrainResult:
     reporter = (reporter or ConsoleReporter()) if dist.is_main else QuietReporter()
     parts = build_parts(job, cache_dir, device, dist)
     # Every rank agrees on the run id (rank 0's), so a resumed or fresh run is one run.
     state = TrainState(run_id=dist.broadcast_str(uuid.uuid4().hex[:12]))
     files = parts.files
-    if dist.is_main:
-        files.root.mkdir(parents=True, exist_ok=True)
-    dist.barrier()
-    if resume_run and resume(parts, state, restart_on_new_data=restart_on_new_data):
-        reporter.log(f"resumed {job.name} at step {state.step} (run {state.run_id})")
+    if resume_run:
+        if resume(parts, state, restart_on_new_data=restart_on_new_data, log=reporter.log):
+            reporter.log(f"resumed {job.name} at step {state.step} (run {state.run_id})")
+        else:
+            reporter.log(f"no checkpoint to resume in {files.root}: {job.name} starts afresh")
     elif files.complete_steps(parts.experts) or files.metrics.exists():
         raise TrainingError(
             f"{files.root} already holds a run named {job.name!r}; pass --resume to continue it or change config.name"
         )
+    if dist.is_main:
+        reporter.log(_record_data(parts, cache_dir))
     dist.barrier()  # every rank has looked at the run folder before rank 0 writes to it
     if dist.is_main:
         write_text(files.config, dump_config(job))
