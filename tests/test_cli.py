@@ -103,3 +103,37 @@ def test_config_of_the_wrong_shape_is_one_line(tmp_path: Path, capsys, raw) -> N
     config.write_text(yaml.safe_dump(raw))
     assert main(["check", str(config), "--workdir", str(tmp_path)]) == 1
     assert capsys.readouterr().err.count("\n") == 1
+
+
+def test_sql_works_right_after_a_cli_training(
+    tmp_path: Path, tiny_cache: Path, clips_dir: Path, tiny_model_dir: Path, capsys
+) -> None:
+    from .conftest import tiny_job_raw
+
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    (workdir / "cache").symlink_to(tiny_cache / "cache")  # the cached latents, without the database
+    raw = tiny_job_raw(clips_dir, tiny_model_dir, steps=4)
+    raw["config"]["process"][0].update(training_folder=str(tmp_path / "runs"), sample=None)
+    config = tmp_path / "job.yaml"
+    config.write_text(yaml.safe_dump(raw, sort_keys=False))
+    assert main(["train", str(config), "--workdir", str(workdir)]) == 0
+    assert "metrics: 4 steps of run" in capsys.readouterr().out
+    assert (
+        main(
+            [
+                "sql",
+                "SELECT count(*) AS n, count(DISTINCT run_id) AS runs FROM metrics",
+                "--workdir",
+                str(workdir),
+            ]
+        )
+        == 0
+    )
+    table = capsys.readouterr().out.split()
+    assert table[-2:] == ["4", "1"], table
+    # Loading again (a re-run of the asset, or `train --resume` at the end) adds no duplicates.
+    assert main(["train", str(config), "--workdir", str(workdir), "--resume"]) == 0
+    capsys.readouterr()
+    assert main(["sql", "SELECT count(*) FROM metrics", "--workdir", str(workdir)]) == 0
+    assert capsys.readouterr().out.split()[-1] == "4"

@@ -11,13 +11,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 from wan_assets.core.config import ConfigError, JobConfig, dump_config, load_config, with_experts
-from wan_assets.core.errors import MetricsDbError, TrainingError
+from wan_assets.core.errors import DiskFullError, MetricsDbError, TrainingError
 from wan_assets.core.experts import EXPERTS
 from wan_assets.core.workdir import Workdir
 
 # Errors that are the user's to fix: printed as one line, exit status 1, no traceback.
 USER_ERRORS: tuple[type[BaseException], ...] = (
     ConfigError,
+    DiskFullError,
     FileNotFoundError,
     NotADirectoryError,
     TrainingError,
@@ -69,6 +70,8 @@ def cmd_cache(args: argparse.Namespace) -> int:
     print(f"index: {workdir.cache / 'index' / (job.name + '.json')} ({len(report.index.clips)} clips)")
     for path, warning in report.warnings.items():
         print(f"warning: {path}: {warning}", file=sys.stderr)
+    if report.kept:
+        print(f"{len(report.kept)} failed clip(s) keep their previous latents in the index", file=sys.stderr)
     if report.failures:
         print(f"{len(report.failures)} clip(s) failed:", file=sys.stderr)
         for reason in report.failures.values():
@@ -101,6 +104,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     finally:
         shutdown(dist)
     if dist.is_main:
+        from wan_assets.core.metrics_db import load_run
+
+        # The run goes into the metrics database as the training_metrics asset loads it, so SQL
+        # works right after a CLI-only training.
+        stats = load_run(workdir.database, result.files.root)
+        print(f"metrics: {stats.num_metrics} steps of run {stats.run_id} loaded into {workdir.database}")
         print(
             f"run {result.run_id}: {result.steps} steps in {result.seconds:.1f}s, files in {result.files.root}"
         )

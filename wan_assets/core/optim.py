@@ -37,6 +37,24 @@ def build_optimizer(train: TrainConfig, params: dict[str, list[torch.nn.Paramete
     return _BUILDERS[train.optimizer](groups, opt)
 
 
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state_dict: dict, device: torch.device) -> None:
+    """Load a saved optimizer state with its tensors on `device`, where the steps run.
+
+    torch moves each state tensor to its parameter's device at load time, but the LoRA of an expert
+    that waits on the CPU (offload_inactive_expert) would leave its moments there for good, and
+    torchao's 8-bit states stay where they were loaded (the CPU). `step` stays on the host where
+    torch keeps it there (neither fused nor capturable).
+    """
+    optimizer.load_state_dict(state_dict)
+    for group in optimizer.param_groups:
+        step_on_host = not (group.get("fused") or group.get("capturable"))
+        for param in group["params"]:
+            state = optimizer.state.get(param, {})
+            for key, value in state.items():
+                if torch.is_tensor(value) and not (key == "step" and step_on_host):
+                    state[key] = value.to(device)
+
+
 def check_optimizer(train: TrainConfig, experts: Sequence[str]) -> None:
     """Raise the ConfigError `build_optimizer` would for these experts, building nothing."""
     if train.optimizer == "automagic":

@@ -34,7 +34,13 @@ from wan_assets.core.flow import noisy_input, per_sample_loss, sample_timesteps
 from wan_assets.core.lora import add_lora, save_lora, set_lora_scale
 from wan_assets.core.metrics_log import MetricsLog, truncate
 from wan_assets.core.model import WanComponents, load_wan_model
-from wan_assets.core.optim import GradientStability, build_optimizer, clip_grad_norm, group_lr
+from wan_assets.core.optim import (
+    GradientStability,
+    build_optimizer,
+    clip_grad_norm,
+    group_lr,
+    load_optimizer_state,
+)
 from wan_assets.core.perf import apply_training_options
 from wan_assets.core.precision import DTYPES, autocast
 from wan_assets.core.reporting import ConsoleReporter, QuietReporter, Reporter
@@ -395,7 +401,7 @@ def resume(
         for expert in parts.experts:
             for p, value in zip(parts.params[expert], saved["lora"][expert], strict=True):
                 p.copy_(value)
-    parts.optimizer.load_state_dict(saved["optimizer"])
+    load_optimizer_state(parts.optimizer, saved["optimizer"], parts.device)
     parts.stability.load_state_dict(saved["gradient_stability"])
     parts.scheduler.load_state_dict(checkpoint.scheduler)
     for expert in parts.experts:
