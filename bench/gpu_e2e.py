@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import statistics
 import subprocess
@@ -124,6 +125,7 @@ def run_recipe(recipe: str, work: Path, model: Path, clips: Path, steps: int, lo
     name = f"e2e_{recipe}"
     run_dir = work / "runs" / name
     metrics = run_dir / f"metrics_{name}.jsonl"
+    shutil.rmtree(run_dir, ignore_errors=True)  # a fresh run each time; model and cache are kept
 
     row.stages["cache"] = finished(cli("cache", str(config), *wd, log=logs / f"{recipe}_cache.log"), 600) == 0
     if not row.stages["cache"]:

@@ -98,7 +98,9 @@ def on_device(pipe: WanImageToVideoPipeline, device: torch.device, *, take_turns
     hooks = []
     for m in modules:
         m.eval()
-        if not take_turns or m is pipe.vae:
+        # Taking turns, the text encoder (called first) starts on the device too: the pipeline puts
+        # its inputs where its first model is when the call begins.
+        if not take_turns or m in (pipe.vae, pipe.text_encoder):
             m.to(device)
     if take_turns:
 
