@@ -362,9 +362,13 @@ def _timeline(files: RunFiles) -> list[tuple[str, str]]:
     return points + [("file", files.lora(e).name) for e in ("high_noise", "low_noise")]
 
 
+NUM_KILLS = 20
+
+
 def _kill_points(files: RunFiles, seed: int) -> list[tuple[str, str]]:
-    """Before the first checkpoint, inside each kind of checkpoint file (one per checkpoint, in a
-    random order), inside a final LoRA, and two random steps."""
+    """NUM_KILLS points of the run's timeline: always one before the first checkpoint, one inside
+    each kind of checkpoint file (one per checkpoint, in a random order) and one inside a final
+    LoRA; the rest drawn at random from every other step line and file save."""
     rng = random.Random(seed)
     kinds = ["high_noise.safetensors", "low_noise.safetensors", "alpha_scheduler.json", "state.pt"]
     rng.shuffle(kinds)
@@ -372,9 +376,10 @@ def _kill_points(files: RunFiles, seed: int) -> list[tuple[str, str]]:
     for i, kind in enumerate(kinds, 1):
         chosen.add(("file", f"{files.name}_{i * SAVE_EVERY:09d}_{kind}"))
     chosen.add(("file", files.lora(rng.choice(["high_noise", "low_noise"])).name))
-    chosen |= {("line", str(rng.randrange(SAVE_EVERY, NUM_STEPS))) for _ in range(2)}
     timeline = _timeline(files)
     assert chosen <= set(timeline)
+    rest = [point for point in timeline if point not in chosen]
+    chosen |= set(rng.sample(rest, NUM_KILLS - len(chosen)))
     return sorted(chosen, key=timeline.index)
 
 

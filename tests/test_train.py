@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import PIL.Image
 import pytest
 import torch
 import yaml
@@ -277,6 +278,11 @@ def test_seed_example_config_trains_on_the_tiny_model(
     process["train"].update(steps=4, attention_backend="sdpa", dtype="fp32")
     process["save"]["save_every"] = 2
     process["sample"].update(width=64, height=64, num_frames=5, sample_steps=2, sample_every=4)
+    # The seed samples from its own first frame (ctrl_img: first_frame.png, beside the workdir's
+    # folders); a missing one is an error now, not a silent fallback, so the test brings one.
+    first_frame = tmp_path / "first_frame.png"
+    PIL.Image.new("RGB", (64, 64), (200, 40, 40)).save(first_frame)
+    process["sample"]["samples"][0]["ctrl_img"] = str(first_frame)
     process["network"]["linear"] = 4
     job = parse_config(raw, workdir=tiny_cache).job
     from wan_assets.core.cache import EncoderHandle, cache_dataset
