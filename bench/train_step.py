@@ -48,17 +48,18 @@ sys.path.insert(0, str(REPO))
 
 from diffusers import UniPCMultistepScheduler, WanTransformer3DModel  # noqa: E402
 
-from wan_assets.core import perf  # noqa: E402
-from wan_assets.core.alpha_schedule import AlphaScheduler  # noqa: E402
-from wan_assets.core.batches import Batch, derive_seed  # noqa: E402
 from wan_assets.core.config import parse_config  # noqa: E402
+from wan_assets.core.data.batches import Batch  # noqa: E402
 from wan_assets.core.experts import timestep_window  # noqa: E402
-from wan_assets.core.flow import flow_loss, noisy_input, sample_timesteps  # noqa: E402
-from wan_assets.core.lora import add_lora  # noqa: E402
-from wan_assets.core.model import WanComponents  # noqa: E402
-from wan_assets.core.optim import GradientStability, build_optimizer  # noqa: E402
-from wan_assets.core.run_files import RunFiles  # noqa: E402
-from wan_assets.core.train import TrainParts, TrainState, train_step  # noqa: E402
+from wan_assets.core.model.loading import WanComponents  # noqa: E402
+from wan_assets.core.model.lora import add_lora  # noqa: E402
+from wan_assets.core.seeds import derive_seed  # noqa: E402
+from wan_assets.core.speed import options as speed_options  # noqa: E402
+from wan_assets.core.train.alpha_schedule import AlphaScheduler  # noqa: E402
+from wan_assets.core.train.flow import flow_loss, noisy_input, sample_timesteps  # noqa: E402
+from wan_assets.core.train.loop import TrainParts, TrainState, train_step  # noqa: E402
+from wan_assets.core.train.optim import GradientStability, build_optimizer  # noqa: E402
+from wan_assets.core.train.run_files import RunFiles  # noqa: E402
 
 A14B = {
     "patch_size": (1, 2, 2),
@@ -381,7 +382,9 @@ def setup_mode(mode: str, model, job) -> str:
         model.train()
         return "diffusers gradient checkpointing, peft defaults"
     torch._dynamo.reset()  # the previous mode's compiled graphs would only add guard checks
-    applied = perf.apply_training_options(model, job.process.train, job.process.model, torch.device("cuda"))
+    applied = speed_options.apply_training_options(
+        model, job.process.train, job.process.model, torch.device("cuda")
+    )
     model.train()
     return str(applied)
 
@@ -652,7 +655,7 @@ def micro(log) -> dict:
     """Frozen linear fwd+bwd (bf16, torchao float8 rowwise, ours), SDPA kernels, int4 weight-only."""
     from torch.nn.attention import SDPBackend
 
-    from wan_assets.core.quantize import Float8FrozenLinear
+    from wan_assets.core.model.quantize import Float8FrozenLinear
 
     out = {}
     dev = torch.device("cuda")
@@ -696,7 +699,7 @@ def micro(log) -> dict:
         except Exception as exc:
             out[f"sdpa_{backend.name}_error"] = repr(exc)[:200]
     try:
-        from wan_assets.core.quantize import weight_only
+        from wan_assets.core.model.quantize import weight_only
 
         block = torch.nn.Sequential(torch.nn.Linear(k, k, device=dev, dtype=torch.bfloat16)).requires_grad_(
             False
@@ -746,7 +749,7 @@ def lora_overhead(tokens: int = 9216) -> dict:
         return round(1000 * cuda_time(run), 2)
 
     out = {"block_tokens": hidden.shape[1], "block_no_lora_ms": timed(block())}
-    targets = list(__import__("wan_assets.core.lora", fromlist=["COMFY_NAMES"]).COMFY_NAMES)
+    targets = list(__import__("wan_assets.core.model.lora", fromlist=["COMFY_NAMES"]).COMFY_NAMES)
     lora = inject_adapter_in_model(LoraConfig(r=RANK, lora_alpha=RANK, target_modules=targets), block())
     for name, p in lora.named_parameters():
         if "lora_" in name:

@@ -7,8 +7,8 @@ from functools import cached_property
 
 from dagster import ConfigurableResource
 
-from wan_assets.core.cache import ClipSource, EncoderHandle, discover_clips
 from wan_assets.core.config import JobConfig, load_config
+from wan_assets.core.data.cache import ClipSource, EncoderHandle, discover_clips
 from wan_assets.core.devices import claim_device, pick_device
 from wan_assets.core.workdir import TINY_CONFIG, Workdir
 

@@ -12,12 +12,12 @@ import yaml
 from diffusers import WanImageToVideoPipeline
 
 from wan_assets.cli import main
-from wan_assets.core.buckets import Bucket
-from wan_assets.core.cache import EncoderHandle, cache_dataset, load_index
 from wan_assets.core.config import parse_config
-from wan_assets.core.latents import ClipEncoder, frames_to_bucket, pad_text
-from wan_assets.core.model import load_wan_model
-from wan_assets.core.synthetic import write_bad_inputs
+from wan_assets.core.data.buckets import Bucket
+from wan_assets.core.data.cache import EncoderHandle, cache_dataset, load_index
+from wan_assets.core.data.latents import ClipEncoder, frames_to_bucket, pad_text
+from wan_assets.core.data.synthetic import write_bad_inputs
+from wan_assets.core.model.loading import load_wan_model
 
 from .conftest import CONFIGS
 

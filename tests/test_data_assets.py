@@ -18,7 +18,7 @@ from dagster import (
 
 from resources.project import WanProjectResource
 from wan_assets.assets.data import captions, latent_cache, latents, raw_videos, videos
-from wan_assets.core.synthetic import write_bad_inputs, write_sample_videos
+from wan_assets.core.data.synthetic import write_bad_inputs, write_sample_videos
 from wan_assets.sensors import new_clips_sensor
 
 from .test_cache import BAD, data_config

@@ -20,7 +20,7 @@ from dagster import (
 
 from resources.project import WanProjectResource
 from wan_assets.assets.data import videos
-from wan_assets.core.captions import caption_path
+from wan_assets.core.data.captions import caption_path
 
 PER_CLIP_ASSETS = [AssetKey("raw_videos"), AssetKey("captions"), AssetKey("latents")]
 

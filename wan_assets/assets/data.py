@@ -1,6 +1,6 @@
 """Data assets (DESIGN 4): raw_videos -> captions -> latents (one partition per clip) -> latent_cache.
 
-Each body is one call into `wan_assets.core.cache` plus metadata. A bad clip fails its own partition
+Each body is one call into `wan_assets.core.data.cache` plus metadata. A bad clip fails its own partition
 with a message naming the file and the reason; every other clip goes on.
 """
 
@@ -24,7 +24,7 @@ from dagster import (
 
 from resources.project import WanProjectResource
 from wan_assets.automation import INDEX, PER_CLIP
-from wan_assets.core.cache import (
+from wan_assets.core.data.cache import (
     CLIP_ERRORS,
     ClipProbe,
     ClipRecord,
@@ -33,7 +33,7 @@ from wan_assets.core.cache import (
     encode_clip,
     probe_clip,
 )
-from wan_assets.core.latents import content_key
+from wan_assets.core.data.latents import content_key
 from wan_assets.metadata import table_metadata
 
 videos = DynamicPartitionsDefinition(name="videos")

@@ -5,9 +5,9 @@ from dagster import AssetExecutionContext, MaterializeResult, MetadataValue, ass
 from resources.project import WanProjectResource
 from wan_assets.assets.training import LORA_KEYS, evaluated_checkpoints
 from wan_assets.automation import EVALUATE
-from wan_assets.core.metrics_db import load_run
-from wan_assets.core.metrics_report import query, summary
-from wan_assets.core.run_files import RunFiles
+from wan_assets.core.metrics.database import load_run
+from wan_assets.core.metrics.report import query, summary
+from wan_assets.core.train.run_files import RunFiles
 from wan_assets.metadata import table_metadata
 
 

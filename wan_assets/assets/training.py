@@ -27,8 +27,8 @@ from wan_assets.assets.data import latent_cache
 from wan_assets.automation import EVALUATE, RETRAIN
 from wan_assets.core.config import with_experts
 from wan_assets.core.experts import EXPERTS
-from wan_assets.core.run_files import RunFiles
-from wan_assets.core.run_summary import summarize
+from wan_assets.core.metrics.summary import summarize
+from wan_assets.core.train.run_files import RunFiles
 from wan_assets.metadata import table_metadata
 from wan_assets.pipes_reporter import asset_key
 
@@ -117,7 +117,7 @@ def evaluated_checkpoints(context: AssetExecutionContext, project: WanProjectRes
     """Held-out validation loss per expert at fixed timestep quantiles and noise seeds for the base
     model (step 0) and every kept checkpoint, sample videos from held-out first frames, a contact sheet,
     and the best checkpoint."""
-    from wan_assets.core.evaluation import evaluate_run
+    from wan_assets.core.eval.checkpoints import evaluate_run
 
     job = project.job()
     project.root().ensure_model(job.process.model.name_or_path)

@@ -1,7 +1,7 @@
 """Evaluated checkpoints (DESIGN 6): the base model as step 0 and every kept checkpoint, scored by
 held-out validation loss per expert, with sample videos and a contact sheet.
 
-Scores use fixed timestep quantiles and noise seeds (`wan_assets.core.evaluate`), so numbers are
+Scores use fixed timestep quantiles and noise seeds (`wan_assets.core.eval.validation`), so numbers are
 comparable across checkpoints and runs; the best checkpoint is the lowest mean over experts.
 """
 
@@ -14,19 +14,19 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from wan_assets.core.batches import derive_seed
-from wan_assets.core.cache import LatentIndex, index_path, load_index
 from wan_assets.core.config import JobConfig, SampleConfig
+from wan_assets.core.data.cache import LatentIndex, index_path, load_index
+from wan_assets.core.data.video_io import read_frames, write_video
 from wan_assets.core.devices import pick_device
-from wan_assets.core.evaluate import validation_loss
+from wan_assets.core.eval.validation import validation_loss
 from wan_assets.core.experts import timestep_window
 from wan_assets.core.files import atomic_output, write_json
-from wan_assets.core.lora import add_lora, load_lora_into
-from wan_assets.core.model import load_wan_model
+from wan_assets.core.model.loading import load_wan_model
+from wan_assets.core.model.lora import add_lora, load_lora_into
 from wan_assets.core.precision import DTYPES
-from wan_assets.core.run_files import RunFiles
-from wan_assets.core.sampling import generate, sampling_pipeline
-from wan_assets.core.video_io import read_frames, write_video
+from wan_assets.core.seeds import derive_seed
+from wan_assets.core.train.run_files import RunFiles
+from wan_assets.core.train.sampling import generate, sampling_pipeline
 
 BASE = "base"
 
@@ -175,6 +175,6 @@ def contact_sheet(
 
 
 def _count(path: Path) -> int:
-    from wan_assets.core.video_io import probe_video
+    from wan_assets.core.data.video_io import probe_video
 
     return probe_video(path).num_frames

@@ -19,14 +19,14 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from wan_assets.core.buckets import Bucket, BucketError, choose_bucket, pixel_budget
-from wan_assets.core.captions import CaptionError, read_caption, require_caption
 from wan_assets.core.config import DatasetConfig, JobConfig
+from wan_assets.core.data.buckets import Bucket, BucketError, choose_bucket, pixel_budget
+from wan_assets.core.data.captions import CaptionError, read_caption, require_caption
+from wan_assets.core.data.frames import FrameSampling, FrameSamplingError, plan_frames
+from wan_assets.core.data.latents import ClipEncoder, component_identity, content_key, frames_to_bucket
+from wan_assets.core.data.video_io import CLIP_EXTENSIONS, VideoError, probe_video, read_frames
 from wan_assets.core.devices import pick_device
 from wan_assets.core.files import write_json, write_safetensors
-from wan_assets.core.frames import FrameSampling, FrameSamplingError, plan_frames
-from wan_assets.core.latents import ClipEncoder, component_identity, content_key, frames_to_bucket
-from wan_assets.core.video_io import CLIP_EXTENSIONS, VideoError, probe_video, read_frames
 
 INDEX_VERSION = 1
 # Clips decoded ahead while the encoders work (each holds its bucketed frames in RAM).
@@ -170,7 +170,7 @@ class EncoderHandle:
 
     def get(self) -> ClipEncoder:
         if self._encoder is None:
-            from wan_assets.core.model import load_wan_model
+            from wan_assets.core.model.loading import load_wan_model
 
             parts = load_wan_model(
                 self.model_path,

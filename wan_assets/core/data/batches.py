@@ -7,20 +7,14 @@ would see, with no RNG state to save.
 
 from __future__ import annotations
 
-import hashlib
 import random
 from dataclasses import dataclass
 
 import torch
 
-from wan_assets.core.cache import LatentIndex
-from wan_assets.core.latents import MAX_SEQUENCE_LENGTH, pad_text
-
-
-def derive_seed(*parts: object) -> int:
-    """A 63-bit seed from any parts: stable across processes (unlike hash())."""
-    digest = hashlib.sha256(":".join(str(p) for p in parts).encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+from wan_assets.core.data.cache import LatentIndex
+from wan_assets.core.data.latents import MAX_SEQUENCE_LENGTH, pad_text
+from wan_assets.core.seeds import derive_seed
 
 
 @dataclass(frozen=True)

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
+from wan_assets.core.data.video_io import write_video
 from wan_assets.core.files import atomic_output
-from wan_assets.core.video_io import write_video
 
 COLOURS_RGB: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 40),

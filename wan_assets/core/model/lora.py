@@ -116,7 +116,7 @@ class FusedLoraLinear(PeftLoraLinear):
     peft computes `base(x) + lora_B(lora_A(x)) * scale`: the B product, the scaling and the sum are
     three full-size tensors. Here `addmm(base(x), lora_A(x), B^T, alpha=scale)` writes the sum from
     the GEMM's epilogue (rounded once, in fp32 accumulation). Selective checkpointing then keeps
-    one output per linear instead of the base's and the B product's (perf.py). Anything but one
+    one output per linear instead of the base's and the B product's (speed/options.py). Anything but one
     plain active adapter (merged, disabled, several adapters, DoRA and other variants, extra
     arguments) takes peft's own forward.
     """

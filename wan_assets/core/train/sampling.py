@@ -15,12 +15,12 @@ import torch
 from diffusers import WanImageToVideoPipeline
 from PIL import Image
 
-from wan_assets.core.cache import LatentIndex
-from wan_assets.core.captions import apply_trigger
 from wan_assets.core.config import JobConfig, SampleConfig
-from wan_assets.core.model import WanComponents, load_wan_model
+from wan_assets.core.data.cache import LatentIndex
+from wan_assets.core.data.captions import apply_trigger
+from wan_assets.core.data.video_io import read_frames, write_video
+from wan_assets.core.model.loading import WanComponents, load_wan_model
 from wan_assets.core.precision import autocast_forward
-from wan_assets.core.video_io import read_frames, write_video
 
 
 def first_frame(index: LatentIndex) -> Image.Image:

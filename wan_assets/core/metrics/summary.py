@@ -10,8 +10,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from wan_assets.core.metrics_log import read_lines
-from wan_assets.core.run_files import RunFiles
+from wan_assets.core.train.metrics_log import read_lines
+from wan_assets.core.train.run_files import RunFiles
 
 
 @dataclass(frozen=True)

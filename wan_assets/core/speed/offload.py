@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from wan_assets.core import block_parts
+from wan_assets.core.speed import block_parts
 
 
 @dataclass

@@ -18,7 +18,7 @@ from typing import Any
 from wan_assets.core.config import ExitCriteria, NetworkConfig, PhaseConfig
 from wan_assets.core.experts import check_expert
 from wan_assets.core.files import write_json
-from wan_assets.core.stats import ExpertStats
+from wan_assets.core.train.stats import ExpertStats
 
 MIN_LOSS_SAMPLES = 100  # a trend over fewer losses is too noisy to end a phase on
 # "Not rising": the slope may be positive only by this fraction of the plateau rate, so a phase

@@ -41,10 +41,10 @@ import duckdb
 from wan_assets.core.errors import MetricsDbError
 from wan_assets.core.experts import EXPERTS
 from wan_assets.core.files import atomic_output
-from wan_assets.core.metrics_log import METRIC_FIELDS, read_lines
+from wan_assets.core.train.metrics_log import METRIC_FIELDS, read_lines
 
 if TYPE_CHECKING:
-    from wan_assets.core.run_files import RunFiles
+    from wan_assets.core.train.run_files import RunFiles
 
 WRITE_TIMEOUT_S = 30.0  # how long an ingest waits for the ones queued before it (each takes about a second)
 READ_TIMEOUT_S = 10.0
@@ -324,7 +324,7 @@ def ingest_run(
 def load_run(db_path: Path, run_dir: Path, *, timeout_s: float = WRITE_TIMEOUT_S) -> IngestStats:
     """A finished run folder and its evaluation scores (`eval/scores.json`, when evaluated), in one
     ingest: what the training_metrics asset loads, and `wan-assets train` when it ends."""
-    from wan_assets.core.evaluation import scores_path  # imports torch: keep `wan-assets sql` light
+    from wan_assets.core.eval.checkpoints import scores_path  # imports torch: keep `wan-assets sql` light
 
     rows = read_run(run_dir)
     scores = scores_path(rows.files)
@@ -348,7 +348,7 @@ class RunRows:
 def read_run(
     run_dir: Path, *, run_id: str | None = None, status: str = "finished", config_hash: str | None = None
 ) -> RunRows:
-    from wan_assets.core.run_files import RunFiles  # imports torch: keep `wan-assets sql` light
+    from wan_assets.core.train.run_files import RunFiles  # imports torch: keep `wan-assets sql` light
 
     if status not in RUN_STATUSES:
         raise ValueError(f"run status {status!r}; expected one of {', '.join(RUN_STATUSES)}")

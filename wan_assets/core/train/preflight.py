@@ -38,7 +38,7 @@ def preflight(
 
 def model_problems(job: JobConfig, *, buildable_model: Path | None = None) -> list[str]:
     """The model folder (or hub repo) is a whole Wan 2.2 I2V-A14B in the diffusers layout."""
-    from wan_assets.core.model import check_model_layout
+    from wan_assets.core.model.loading import check_model_layout
 
     name = job.process.model.name_or_path
     if buildable_model is not None and Path(name) == buildable_model:
@@ -51,7 +51,7 @@ def model_problems(job: JobConfig, *, buildable_model: Path | None = None) -> li
 
 
 def _backend_problems(job: JobConfig) -> list[str]:
-    from wan_assets.core.model import resolve_attention_backend
+    from wan_assets.core.model.loading import resolve_attention_backend
 
     try:
         resolve_attention_backend(job.process.train.attention_backend, training=True)
@@ -71,7 +71,7 @@ def _device_problems(job: JobConfig, device: torch.device) -> list[str]:
     check_options stops at the first option it refuses; asking once per option (the others off)
     names them all, in its own words.
     """
-    from wan_assets.core.perf import check_options
+    from wan_assets.core.speed.options import check_options
 
     train, model = job.process.train, job.process.model
     off = dict.fromkeys(_DEVICE_OPTIONS, False)
@@ -92,7 +92,7 @@ def _device_problems(job: JobConfig, device: torch.device) -> list[str]:
 
 
 def _optimizer_problems(job: JobConfig) -> list[str]:
-    from wan_assets.core.optim import check_optimizer
+    from wan_assets.core.train.optim import check_optimizer
 
     try:
         check_optimizer(job.process.train, job.experts)
@@ -125,8 +125,8 @@ def _sample_problems(job: JobConfig) -> list[str]:
 
 def _dataset_problems(job: JobConfig) -> list[str]:
     """Every dataset folder holds clips: an empty one would train on nothing."""
-    from wan_assets.core.cache import discover_clips
-    from wan_assets.core.video_io import CLIP_EXTENSIONS
+    from wan_assets.core.data.cache import discover_clips
+    from wan_assets.core.data.video_io import CLIP_EXTENSIONS
 
     found = Counter(source.dataset_index for source in discover_clips(job))
     extensions = " ".join(sorted(CLIP_EXTENSIONS))

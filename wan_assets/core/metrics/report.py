@@ -15,7 +15,7 @@ from typing import Any
 import duckdb
 
 from wan_assets.core.errors import MetricsDbError
-from wan_assets.core.metrics_db import READ_TIMEOUT_S, reader
+from wan_assets.core.metrics.database import READ_TIMEOUT_S, reader
 
 # --- read -----------------------------------------------------------------------------------------------
 

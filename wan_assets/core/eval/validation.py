@@ -12,11 +12,11 @@ from dataclasses import dataclass
 import torch
 from diffusers import WanTransformer3DModel
 
-from wan_assets.core.batches import derive_seed
-from wan_assets.core.cache import LatentIndex
-from wan_assets.core.flow import flow_loss, noisy_input
-from wan_assets.core.latents import pad_text
+from wan_assets.core.data.cache import LatentIndex
+from wan_assets.core.data.latents import pad_text
 from wan_assets.core.precision import autocast
+from wan_assets.core.seeds import derive_seed
+from wan_assets.core.train.flow import flow_loss, noisy_input
 
 
 @dataclass(frozen=True)

@@ -33,11 +33,12 @@ import torch
 from peft.tuners.lora.layer import LoraLayer
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
-from wan_assets.core import block_parts, quantize
 from wan_assets.core.config import ModelConfig, TrainConfig, offloads_inactive_expert
-from wan_assets.core.lora import fuse_lora_linears
-from wan_assets.core.memory_plan import MatmulPlanner
-from wan_assets.core.offload import ActivationOffloader, offloaded_block
+from wan_assets.core.model import quantize
+from wan_assets.core.model.lora import fuse_lora_linears
+from wan_assets.core.speed import block_parts
+from wan_assets.core.speed.memory_plan import MatmulPlanner
+from wan_assets.core.speed.offload import ActivationOffloader, offloaded_block
 
 logger = logging.getLogger(__name__)
 COMPILE_BACKEND = "inductor"  # tests use "aot_eager": the same graph capture, no code generation
@@ -60,7 +61,7 @@ def apply_training_options(
     """Set up one expert (LoRA already added) for training on `device`; see the module docstring.
 
     The expert ends on `device`, or on the CPU when inactive experts are offloaded (`activate` in
-    train.py moves it in when its turn comes).
+    train/loop.py moves it in when its turn comes).
     """
     device = torch.device(device)
     kind = check_options(train, model_cfg, device)

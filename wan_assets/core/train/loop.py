@@ -21,31 +21,32 @@ from pathlib import Path
 
 import torch
 
-from wan_assets.core.alpha_schedule import AlphaScheduler, Transition
-from wan_assets.core.batches import Batch, BatchStream, derive_seed
-from wan_assets.core.cache import index_path, load_index
 from wan_assets.core.config import JobConfig, dump_config, offloads_inactive_expert
+from wan_assets.core.data.batches import Batch, BatchStream
+from wan_assets.core.data.cache import index_path, load_index
 from wan_assets.core.devices import pick_device
-from wan_assets.core.distributed import Dist
 from wan_assets.core.errors import TrainingError
 from wan_assets.core.experts import timestep_window
 from wan_assets.core.files import write_json, write_text
-from wan_assets.core.flow import noisy_input, per_sample_loss, sample_timesteps
-from wan_assets.core.lora import add_lora, save_lora, set_lora_scale
-from wan_assets.core.metrics_log import MetricsLog, truncate
-from wan_assets.core.model import WanComponents, load_wan_model
-from wan_assets.core.optim import (
+from wan_assets.core.model.loading import WanComponents, load_wan_model
+from wan_assets.core.model.lora import add_lora, save_lora, set_lora_scale
+from wan_assets.core.precision import DTYPES, autocast
+from wan_assets.core.seeds import derive_seed
+from wan_assets.core.speed.options import apply_training_options
+from wan_assets.core.train.alpha_schedule import AlphaScheduler, Transition
+from wan_assets.core.train.distributed import Dist
+from wan_assets.core.train.flow import noisy_input, per_sample_loss, sample_timesteps
+from wan_assets.core.train.metrics_log import MetricsLog, truncate
+from wan_assets.core.train.optim import (
     GradientStability,
     build_optimizer,
     clip_grad_norm,
     group_lr,
     load_optimizer_state,
 )
-from wan_assets.core.perf import apply_training_options
-from wan_assets.core.precision import DTYPES, autocast
-from wan_assets.core.reporting import ConsoleReporter, QuietReporter, Reporter
-from wan_assets.core.run_files import RunFiles, claim, save_state
-from wan_assets.core.sampling import TrainingSampler
+from wan_assets.core.train.reporting import ConsoleReporter, QuietReporter, Reporter
+from wan_assets.core.train.run_files import RunFiles, claim, save_state
+from wan_assets.core.train.sampling import TrainingSampler
 
 logger = logging.getLogger(__name__)
 MAX_CONSECUTIVE_OOM = 3

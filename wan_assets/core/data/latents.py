@@ -23,7 +23,7 @@ from diffusers import AutoencoderKLWan
 from diffusers.pipelines.wan.pipeline_wan_i2v import prompt_clean
 from transformers import PreTrainedTokenizerBase, UMT5EncoderModel
 
-from wan_assets.core.buckets import Bucket, resize_plan
+from wan_assets.core.data.buckets import Bucket, resize_plan
 
 MAX_SEQUENCE_LENGTH = 512  # UMT5 tokens, as the pipeline encodes prompts
 VAE_TEMPORAL = 4

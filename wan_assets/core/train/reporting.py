@@ -10,9 +10,9 @@ from tqdm import tqdm
 if TYPE_CHECKING:
     from pathlib import Path
 
-    from wan_assets.core.alpha_schedule import Transition
     from wan_assets.core.config import JobConfig
-    from wan_assets.core.train import TrainResult
+    from wan_assets.core.train.alpha_schedule import Transition
+    from wan_assets.core.train.loop import TrainResult
 
 
 class Reporter(Protocol):
