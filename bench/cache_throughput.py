@@ -1,4 +1,4 @@
-"""Latent-cache throughput (DESIGN 4): clips/s for decode + encode, and the share of wall time the
+"""Latent-cache throughput (docs/architecture.md §4): clips/s for decode + encode, and the share of wall time the
 VAE is busy, with decoding done inline (prefetch 0) and overlapped with encoding (prefetch 2).
 
   python bench/cache_throughput.py                  # tiny model on CPU, the synthetic clips

@@ -1,4 +1,4 @@
-"""The path users run, end to end on a GPU: the real CLI with each shipped recipe (DESIGN 10).
+"""The path users run, end to end on a GPU: the real CLI with each shipped recipe (docs/architecture.md §10).
 
 Builds a random-weight Wan 2.2 I2V model in the diffusers layout (the tiny model's classes and
 layout at a width and depth where the recipes' machinery engages: 128-wide heads, fp8-sized linears,

@@ -1,4 +1,4 @@
-"""One A14B expert's training step: plain diffusers + peft against this project's step (DESIGN 10).
+"""One A14B expert's training step: plain diffusers + peft against this project's step (docs/architecture.md §10).
 
 Builds a real-size Wan 2.2 I2V-A14B expert with random weights directly on the GPU (no download),
 adds a rank-64 LoRA on the block linears, and in this one process times, on identical batches and

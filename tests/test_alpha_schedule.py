@@ -1,4 +1,4 @@
-"""Alpha schedule and per-expert statistics (DESIGN 5): numbers vs numpy, transitions, exact resume."""
+"""Alpha schedule and per-expert statistics (docs/architecture.md §5): numbers vs numpy, transitions, exact resume."""
 
 from __future__ import annotations
 

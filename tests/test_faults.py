@@ -1,4 +1,4 @@
-"""Faults lose nothing and stop nothing (DESIGN 5.1, issue 14): kills at any point, a second trainer,
+"""Faults lose nothing and stop nothing (docs/architecture.md §5.1, issue 14): kills at any point, a second trainer,
 a corrupt checkpoint, a full disk, a partial cache, file modes, readers of the metrics database."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Speed and memory options (DESIGN 10) on CPU: each one gives the plain path's loss and gradients, or
+"""Speed and memory options (docs/architecture.md §10) on CPU: each one gives the plain path's loss and gradients, or
 fails with one clear message when this device cannot run it."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Automation (DESIGN 4, 11): new clips flow through on their own, training follows the data nightly.
+"""Automation (docs/architecture.md §4, §11): new clips flow through on their own, training follows the data nightly.
 
 - the new-clip sensor adds partitions and runs each new or changed clip's per-clip assets;
 - captions/latents re-run when their upstream changes (eager), the latent index follows its clips;

@@ -1,4 +1,4 @@
-"""`wan-assets`: the command line (DESIGN 8). Each command is a thin call into `wan_assets.core`."""
+"""`wan-assets`: the command line (docs/architecture.md §8). Each command is a thin call into `wan_assets.core`."""
 
 from __future__ import annotations
 

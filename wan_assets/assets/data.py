@@ -1,4 +1,4 @@
-"""Data assets (DESIGN 4): raw_videos -> captions -> latents (one partition per clip) -> latent_cache.
+"""Data assets (docs/architecture.md §4): raw_videos -> captions -> latents (one partition per clip) -> latent_cache.
 
 Each body is one call into `wan_assets.core.data.cache` plus metadata. A bad clip fails its own partition
 with a message naming the file and the reason; every other clip goes on.

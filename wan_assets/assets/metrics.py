@@ -1,4 +1,4 @@
-"""training_metrics (DESIGN 7): every JSONL field, transition, checkpoint and evaluation in DuckDB."""
+"""training_metrics (docs/architecture.md §7): every JSONL field, transition, checkpoint and evaluation in DuckDB."""
 
 from dagster import AssetExecutionContext, MaterializeResult, MetadataValue, asset
 

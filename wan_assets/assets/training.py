@@ -1,4 +1,4 @@
-"""Training assets (DESIGN 5, 6): the two experts' LoRAs from one run, and their evaluation.
+"""Training assets (docs/architecture.md §5, §6): the two experts' LoRAs from one run, and their evaluation.
 
 `lora_high_noise` / `lora_low_noise` are one multi-asset: select both for one alternating run, or one
 for a run of that expert only. It launches `wan-assets train` through Dagster Pipes; progress and

@@ -406,7 +406,7 @@ class ModelConfig(_Model):
 
 
 class ValidationConfig(_Model):
-    """Held-out evaluation (DESIGN 6): fixed timestep quantiles inside each expert's window."""
+    """Held-out evaluation (docs/architecture.md §6): fixed timestep quantiles inside each expert's window."""
 
     folder_path: Path | None = None
     timestep_quantiles: list[float] = Field(default_factory=lambda: [0.1, 0.3, 0.5, 0.7, 0.9])
@@ -678,7 +678,7 @@ def _suggest(key: str, choices: list[str]) -> str:
 
 
 def _resolve_paths(job: JobConfig, base: Path, problems: list[str]) -> JobConfig:
-    """Relative paths are relative to the workdir (DESIGN 8); dataset and validation folders must exist."""
+    """Relative paths are relative to the workdir (docs/architecture.md §8); dataset and validation folders must exist."""
     datasets = []
     for i, ds in enumerate(job.process.datasets):
         folder = _under(base, ds.folder_path)
@@ -740,7 +740,7 @@ def with_experts(job: JobConfig, experts: tuple[str, ...]) -> JobConfig:
 
 
 def default_workdir() -> Path:
-    """`$WAN_ASSETS_HOME`, else `./.wan_assets` (DESIGN 8)."""
+    """`$WAN_ASSETS_HOME`, else `./.wan_assets` (docs/architecture.md §8)."""
     return Path(os.environ.get("WAN_ASSETS_HOME") or ".wan_assets").resolve()
 
 

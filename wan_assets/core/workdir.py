@@ -1,4 +1,4 @@
-"""The workdir (DESIGN 8): latent cache, metrics database, Dagster instance, runs and example data."""
+"""The workdir (docs/architecture.md §8): latent cache, metrics database, Dagster instance, runs and example data."""
 
 from __future__ import annotations
 

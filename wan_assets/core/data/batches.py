@@ -1,4 +1,4 @@
-"""Batches from the latent cache (DESIGN 4/5): per bucket, shuffled per epoch, resumable by step.
+"""Batches from the latent cache (docs/architecture.md §4/§5): per bucket, shuffled per epoch, resumable by step.
 
 Every random choice here (clip order, cache variant per epoch, caption dropout) is a pure function
 of (seed, epoch, position), so a resumed run replays exactly the batches an uninterrupted run

@@ -1,4 +1,4 @@
-"""Aspect-ratio buckets (DESIGN 4): the one place where bucket sizes and clip-to-bucket fit are defined.
+"""Aspect-ratio buckets (docs/architecture.md §4): the one place where bucket sizes and clip-to-bucket fit are defined.
 
 A bucket is a (width, height, num_frames) triple; clips in one bucket batch together. Sizes come from
 `max_pixels_per_frame` P (or `resolution` r, as P = r*r): for each aspect ratio a, W = floor(sqrt(P*a)),

@@ -1,4 +1,4 @@
-"""The latent cache (DESIGN 4): clips -> probed -> captioned -> encoded -> one bucket index.
+"""The latent cache (docs/architecture.md §4): clips -> probed -> captioned -> encoded -> one bucket index.
 
 Each stage is one function that the Dagster assets (one partition per clip) and `wan-assets cache`
 call alike. Files are content-addressed, so unchanged inputs cost no encoding and keep their key;

@@ -1,4 +1,4 @@
-"""Sidecar captions (DESIGN 4): `[trigger]` / `[name]` handling and `default_caption`.
+"""Sidecar captions (docs/architecture.md §4): `[trigger]` / `[name]` handling and `default_caption`.
 
 Caption dropout happens at training time (through the cached empty embedding), never here.
 """

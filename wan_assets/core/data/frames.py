@@ -1,4 +1,4 @@
-"""Which source frames a clip contributes (DESIGN 4): shrink vs fps-true sampling and temporal jitter.
+"""Which source frames a clip contributes (docs/architecture.md §4): shrink vs fps-true sampling and temporal jitter.
 
 Jitter is made cacheable: each clip gets `cache_variants` deterministic index sets (seeded by the
 clip's content hash and the variant number), one of which training draws per epoch.

@@ -1,4 +1,4 @@
-"""Encoding one clip for training (DESIGN 4): VAE latents, the I2V condition and text embeddings.
+"""Encoding one clip for training (docs/architecture.md §4): VAE latents, the I2V condition and text embeddings.
 
 Everything is built exactly as `WanImageToVideoPipeline` builds it at inference, so a LoRA trained
 on these tensors sees at training time what it will see when sampling:

@@ -1,4 +1,4 @@
-"""Evaluated checkpoints (DESIGN 6): the base model as step 0 and every kept checkpoint, scored by
+"""Evaluated checkpoints (docs/architecture.md §6): the base model as step 0 and every kept checkpoint, scored by
 held-out validation loss per expert, with sample videos and a contact sheet.
 
 Scores use fixed timestep quantiles and noise seeds (`wan_assets.core.eval.validation`), so numbers are

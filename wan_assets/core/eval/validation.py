@@ -1,4 +1,4 @@
-"""Validation loss on held-out clips (DESIGN 6): comparable across checkpoints and runs.
+"""Validation loss on held-out clips (docs/architecture.md §6): comparable across checkpoints and runs.
 
 Each expert is scored at fixed timestep quantiles inside its own window with fixed noise per
 (clip, quantile), the full caption and cache variant 0, so the same weights always give the same

@@ -1,4 +1,4 @@
-"""The metrics database (DESIGN 7): every training metric of every run, queryable in DuckDB.
+"""The metrics database (docs/architecture.md §7): every training metric of every run, queryable in DuckDB.
 
 One DuckDB file (`<workdir>/metrics.duckdb`) holds `runs`, `metrics` (every JSONL field of 5.2,
 typed from `METRIC_FIELDS`), `phase_transitions`, `checkpoints` and `evaluations`, plus views for
@@ -312,7 +312,7 @@ def ingest_run(
     config_hash: str | None = None,
     timeout_s: float = WRITE_TIMEOUT_S,
 ) -> IngestStats:
-    """Load a run folder (DESIGN 5.1) into the database, replacing whatever it held for that run.
+    """Load a run folder (docs/architecture.md §5.1) into the database, replacing whatever it held for that run.
 
     `run_id` defaults to the JSONL's; `config_hash` to the sha256 of the run's config.yaml.
     """

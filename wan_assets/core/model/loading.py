@@ -1,6 +1,6 @@
 """The one loader for Wan 2.2 I2V-A14B models in the diffusers layout (tiny or real, folder or hub id).
 
-Layout (DESIGN.md section 3): `transformer/` = high-noise expert, `transformer_2/` = low-noise expert,
+Layout (docs/architecture.md §3): `transformer/` = high-noise expert, `transformer_2/` = low-noise expert,
 `vae/`, `text_encoder/`, `tokenizer/`, `scheduler/`, `model_index.json` (which holds boundary_ratio).
 """
 

@@ -1,4 +1,4 @@
-"""LoRA / LoKr adapters on the Wan expert block linears, and their ComfyUI-layout files (DESIGN 5, 5.1).
+"""LoRA / LoKr adapters on the Wan expert block linears, and their ComfyUI-layout files (docs/architecture.md §5, §5.1).
 
 Training uses peft adapters inside the diffusers `WanTransformer3DModel`; files use the Wan-original
 names (`diffusion_model.blocks.N.self_attn.q...`) that ComfyUI and diffusers' `load_lora_weights`

@@ -1,4 +1,4 @@
-"""Frozen base linears of an expert in low precision: fp8 compute and weight-only storage (DESIGN 10).
+"""Frozen base linears of an expert in low precision: fp8 compute and weight-only storage (docs/architecture.md §10).
 
 The base weights of a LoRA run never change, so they are quantized once, here, not on every step:
 - `Float8FrozenLinear`: e4m3 weights with one scale per output channel, matmuls on the fp8 tensor

@@ -1,4 +1,4 @@
-"""The embedded tiny Wan 2.2 I2V-A14B model (DESIGN.md section 3), built offline from configs.
+"""The embedded tiny Wan 2.2 I2V-A14B model (docs/architecture.md §3), built offline from configs.
 
 Same classes, folder layout and model_index.json as `Wan-AI/Wan2.2-I2V-A14B-Diffusers`; only the
 sizes differ, so every code path (loading, LoRA, caching, training, sampling) is the real one.

@@ -1,4 +1,4 @@
-"""A Wan transformer block as two halves, for activation offload (DESIGN 10, memory mode).
+"""A Wan transformer block as two halves, for activation offload (docs/architecture.md §10, memory mode).
 
 Offloading recomputes one unit at a time in backward, and the GPU peak is that unit's activations
 plus its gradients. A whole Wan block holds self-attention, cross-attention and the feed-forward

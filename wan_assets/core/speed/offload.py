@@ -1,4 +1,4 @@
-"""Activation offload (DESIGN 10, memory mode): block inputs wait in pinned CPU memory for backward.
+"""Activation offload (docs/architecture.md §10, memory mode): block inputs wait in pinned CPU memory for backward.
 
 Each transformer block runs, as two halves (block_parts.py), without keeping activations; each half's
 input is copied to pinned host memory on a side stream while the next halves compute. In backward a

@@ -1,4 +1,4 @@
-"""Speed and memory options of the training step (DESIGN 10), applied to an expert after its LoRA.
+"""Speed and memory options of the training step (docs/architecture.md §10), applied to an expert after its LoRA.
 
 `apply_training_options` is the one entry point (`build_parts` calls it for every trained expert):
 - LoRA: peft up-casts each adapted linear's input to the adapter's fp32 before the adapter runs;

@@ -1,4 +1,4 @@
-"""Alpha schedule: per-expert phase machines that raise the LoRA alpha as training settles (DESIGN 5).
+"""Alpha schedule: per-expert phase machines that raise the LoRA alpha as training settles (docs/architecture.md §5).
 
 Each expert walks its own ordered phases on its own statistics. A phase is left when every exit
 criterion holds at once; the last phase never ends. Wan has no conv layers, so the alpha in force
@@ -82,7 +82,7 @@ class Transition:
 
 
 def exit_criteria(steps_in_phase: int, phase: PhaseConfig, stats: ExpertStats) -> list[Criterion]:
-    """All criteria of DESIGN 5, in a fixed order; the phase ends when every one passes."""
+    """All criteria of docs/architecture.md §5, in a fixed order; the phase ends when every one passes."""
     rule: ExitCriteria = phase.exit_criteria
     trend = stats.trend()
     slope = trend.slope
@@ -246,7 +246,7 @@ class AlphaScheduler:
         return transition
 
     def metrics(self, expert: str) -> dict[str, Any]:
-        """Schedule and statistics fields of the metrics JSONL for a step of `expert` (DESIGN 5.2)."""
+        """Schedule and statistics fields of the metrics JSONL for a step of `expert` (docs/architecture.md §5.2)."""
         self._check_trained(expert)
         machine = self.machines.get(expert)
         out: dict[str, Any] = {
@@ -287,7 +287,7 @@ class AlphaScheduler:
         self._transitions = [Transition.from_json(t) for t in state["transitions"]]
 
     def save(self, path: Path) -> Path:
-        """Write `<name>_<step:09d>_alpha_scheduler.json` atomically (DESIGN 5.1)."""
+        """Write `<name>_<step:09d>_alpha_scheduler.json` atomically (docs/architecture.md §5.1)."""
         return write_json(path, self.state_dict())
 
     def load(self, path: Path) -> None:

@@ -1,4 +1,4 @@
-"""Data-parallel training under torchrun (DESIGN 11): one process per GPU, rank 0 alone writes.
+"""Data-parallel training under torchrun (docs/architecture.md §11): one process per GPU, rank 0 alone writes.
 
 Each optimizer step draws one global batch (batch_size x world_size clips of one bucket); rank r
 trains its slice. Gradients are summed across ranks after backward, with each rank's loss already

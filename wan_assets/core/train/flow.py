@@ -1,4 +1,4 @@
-"""Flow matching for Wan (DESIGN 5): timesteps inside an expert's window, noising, target, loss.
+"""Flow matching for Wan (docs/architecture.md §5): timesteps inside an expert's window, noising, target, loss.
 
 x_t = (1 - s) x0 + s eps with s = t / 1000, target eps - x0, MSE over all latent frames.
 Timesteps are drawn by inverse CDF restricted to the expert's window, so a sample can never land

@@ -1,4 +1,4 @@
-"""The training engine (DESIGN 5): `wan-assets train` and the Dagster training asset both call `train`.
+"""The training engine (docs/architecture.md §5): `wan-assets train` and the Dagster training asset both call `train`.
 
 The loop reads like a table of contents: pick the expert for this step, run its micro-batches,
 clip, measure gradient stability, step, update that expert's statistics and alpha phase, log,
@@ -301,7 +301,7 @@ def _out_of_memory(
 def metrics_record(
     parts: TrainParts, state: TrainState, step: int, result: StepResult, seconds: float
 ) -> dict:
-    """One JSONL line (DESIGN 5.2): statistics are those of the expert that trained at this step."""
+    """One JSONL line (docs/architecture.md §5.2): statistics are those of the expert that trained at this step."""
     record = {
         "run_id": state.run_id,
         "step": step,

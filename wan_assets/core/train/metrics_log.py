@@ -1,4 +1,4 @@
-"""The metrics JSONL (DESIGN 5.2): one line per optimizer step, the seed's field names kept.
+"""The metrics JSONL (docs/architecture.md §5.2): one line per optimizer step, the seed's field names kept.
 
 Existing tooling (the seed UI, scripts) reads these names; DuckDB reads the same file with the
 column types below. NaN and inf are written as null, never as bare NaN (which is not JSON).

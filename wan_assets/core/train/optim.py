@@ -1,4 +1,4 @@
-"""Optimizers over the per-expert LoRA parameters, gradient clipping and gradient stability (DESIGN 5).
+"""Optimizers over the per-expert LoRA parameters, gradient clipping and gradient stability (docs/architecture.md §5).
 
 One param group per trained expert, in EXPERTS order, each tagged with `"expert"`: when both experts
 train, group 0 is high_noise and group 1 low_noise, which is what the metrics' `lr_0` / `lr_1` mean.

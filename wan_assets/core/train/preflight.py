@@ -1,4 +1,4 @@
-"""What `cache` and `train` would refuse on this machine, checked before any work (DESIGN 8).
+"""What `cache` and `train` would refuse on this machine, checked before any work (docs/architecture.md §8).
 
 `load_config` checks the file; these checks need the machine: the model folder, the attention
 backend's package, quantization and fp8 on this device, the sample images and the dataset clips.

@@ -1,4 +1,4 @@
-"""The files of a training run (DESIGN 5.1), in the seed's layout under `<training_folder>/<name>`.
+"""The files of a training run (docs/architecture.md §5.1), in the seed's layout under `<training_folder>/<name>`.
 
 A checkpoint at step k (k optimizer steps done) is the LoRA of each trained expert, the alpha
 scheduler JSON and `_state.pt`; `_state.pt` is written last, so a checkpoint counts as complete

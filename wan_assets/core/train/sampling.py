@@ -1,4 +1,4 @@
-"""Sample videos through `WanImageToVideoPipeline` with both experts' current LoRAs (DESIGN 5, 6).
+"""Sample videos through `WanImageToVideoPipeline` with both experts' current LoRAs (docs/architecture.md §5, §6).
 
 The pipeline is the stock diffusers one, so what a sample shows is what users get at inference.
 First frames come from `ctrl_img` when it is set, else from a held-out clip of the latent cache.

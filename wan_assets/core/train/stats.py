@@ -1,8 +1,8 @@
-"""Training statistics of one expert (DESIGN 5, "Statistics per expert").
+"""Training statistics of one expert (docs/architecture.md §5, "Statistics per expert").
 
 One `ExpertStats` per expert, fed once per optimizer step of that expert, so the high-noise and
 low-noise experts never mix their losses (the seed pooled them). The alpha schedule decides on these
-numbers and the metrics JSONL logs them (DESIGN 5.2); the state round-trips through JSON exactly so
+numbers and the metrics JSONL logs them (docs/architecture.md §5.2); the state round-trips through JSON exactly so
 a resumed run computes the very same numbers as an uninterrupted one.
 """
 
@@ -105,7 +105,7 @@ class ExpertStats:
         return float(np.std(np.asarray(recent, dtype=np.float64))) / ema50
 
     def snapshot(self) -> dict[str, float | int | None]:
-        """The statistics under their metrics JSONL names (DESIGN 5.2)."""
+        """The statistics under their metrics JSONL names (docs/architecture.md §5.2)."""
         trend = self.trend()
         out: dict[str, float | int | None] = {
             "loss_slope": trend.slope,
