@@ -81,6 +81,15 @@ class TrainState:
 
 
 @dataclass(frozen=True)
+class TrainOptions:
+    """What one `train` call does with the run folder; the job's config says how to train."""
+
+    resume: bool = False  # continue the run in the folder (or start afresh when it has no checkpoint)
+    restart_on_new_data: bool = False  # on resume, a checkpoint of other data moves aside, not fails
+    stop_after: int | None = None  # end after this many steps (tests); None trains to `train.steps`
+
+
+@dataclass(frozen=True)
 class StepResult:
     expert: str
     loss: float | None
@@ -147,8 +156,7 @@ def build_parts(
         apply_training_options(transformer, train, job.process.model, device)
         transformer.train()
     scheduler = AlphaScheduler(job.process.network, job.experts)
-    for expert in job.experts:
-        set_lora_scale(model.expert(expert), scheduler.alpha(expert), expert)
+    apply_alpha(model, scheduler, job.experts)
     index_hash = hashlib.sha256(index_file.read_bytes()).hexdigest()[:16]
     index = load_index(index_file)
     stream = BatchStream(
@@ -184,6 +192,12 @@ def _sampler(job: JobConfig, index, device: torch.device, dtype: torch.dtype) ->
 
 def _offload(job: JobConfig) -> bool:
     return offloads_inactive_expert(job.process.train, job.process.model)
+
+
+def apply_alpha(model: WanComponents, scheduler: AlphaScheduler, experts: tuple[str, ...]) -> None:
+    """Put the alpha each expert's schedule has in force into that expert's LoRA scale."""
+    for expert in experts:
+        set_lora_scale(model.expert(expert), scheduler.alpha(expert), expert)
 
 
 def activate(parts: TrainParts, expert: str) -> None:
@@ -240,6 +254,7 @@ def train_step(parts: TrainParts, state: TrainState, step: int) -> StepResult:
     expert = expert_at(step, parts.experts, train.switch_boundary_every)
     parts.optimizer.zero_grad(set_to_none=True)
     loss_sum, timesteps, batch = 0.0, [], None
+    # 1. Micro-batches: forward and backward each, gradients accumulating in the LoRA parameters.
     for micro in range(train.gradient_accumulation):
         batch = parts.stream.batch(step * train.gradient_accumulation + micro)
         torch.manual_seed(derive_seed(train.seed, "dropout", step, micro, dist.rank))  # LoRA dropout
@@ -256,25 +271,50 @@ def train_step(parts: TrainParts, state: TrainState, step: int) -> StepResult:
             logger.warning(
                 "step %d (%s, bucket %s): %s", step, expert, batch.bucket, str(error).split("\n")[0]
             )
+        # 2. The out-of-memory / non-finite guard: the step is skipped, nothing is applied.
         # Every rank takes the same branch (these are collectives), so none waits forever.
         if dist.any_flag(oom):
             return _out_of_memory(parts, state, step, expert, batch)
         if dist.any_flag(not bool(torch.isfinite(loss))):
             parts.optimizer.zero_grad(set_to_none=True)
-            return StepResult(expert, None, float(t.mean()), None, None, "nonfinite_loss", batch)
+            return _skipped(expert, "nonfinite_loss", batch, timestep=float(t.mean()))
         loss_sum += dist.sum_scalar(loss.item())
         timesteps.append(t)
     state.consecutive_oom = 0
+    # 3. Gradient sync across ranks, clipping, and the stability of the clipped gradients.
     dist.sum_grads(parts.params[expert])
     grad_norm = clip_grad_norm(parts.params[expert], train.max_grad_norm)
     stability = parts.stability.measure(expert, parts.params[expert])
+    # 4. The optimizer step.
     parts.optimizer.step()
     loss = loss_sum / train.gradient_accumulation
+    # 5. The alpha schedule: this expert's statistics, and its new alpha when its phase changes.
     transition = parts.scheduler.record(step, expert, loss, stability)
     if transition is not None:
-        set_lora_scale(parts.model.expert(expert), parts.scheduler.alpha(expert), expert)
-    t_mean = float(torch.cat(timesteps).mean())
-    return StepResult(expert, loss, t_mean, grad_norm, stability, None, batch, transition)
+        apply_alpha(parts.model, parts.scheduler, (expert,))
+    return StepResult(
+        expert=expert,
+        loss=loss,
+        timestep=float(torch.cat(timesteps).mean()),
+        grad_norm=grad_norm,
+        stability=stability,
+        skipped=None,
+        batch=batch,
+        transition=transition,
+    )
+
+
+def _skipped(expert: str, reason: str, batch: Batch | None, *, timestep: float | None = None) -> StepResult:
+    """A step that applied nothing: logged with its reason, no loss or gradient statistics."""
+    return StepResult(
+        expert=expert,
+        loss=None,
+        timestep=timestep,
+        grad_norm=None,
+        stability=None,
+        skipped=reason,
+        batch=batch,
+    )
 
 
 def _out_of_memory(
@@ -292,7 +332,7 @@ def _out_of_memory(
             "lower max_pixels_per_frame or num_frames, turn on gradient_checkpointing or "
             "offload_inactive_expert; the last checkpoint is intact and `--resume` continues from it"
         )
-    return StepResult(expert, None, None, None, None, "oom", batch)
+    return _skipped(expert, "oom", batch)
 
 
 # --- logging and checkpoints --------------------------------------------------------------------------
@@ -405,8 +445,7 @@ def resume(
     load_optimizer_state(parts.optimizer, saved["optimizer"], parts.device)
     parts.stability.load_state_dict(saved["gradient_stability"])
     parts.scheduler.load_state_dict(checkpoint.scheduler)
-    for expert in parts.experts:
-        set_lora_scale(parts.model.expert(expert), parts.scheduler.alpha(expert), expert)
+    apply_alpha(parts.model, parts.scheduler, parts.experts)
     state.step, state.run_id = step, saved["run_id"]
     if parts.dist.is_main:
         truncate(files.metrics, step)
@@ -468,9 +507,83 @@ def train(
     and reports.
     """
     dist = dist or Dist()
-    # One trainer per run folder, claimed before the model loads so a second one fails at once.
-    with _claimed(RunFiles.of(job), dist):
-        return _train(job, cache_dir, resume_run, restart_on_new_data, reporter, device, stop_after, dist)
+    options = TrainOptions(resume=resume_run, restart_on_new_data=restart_on_new_data, stop_after=stop_after)
+    reporter = (reporter or ConsoleReporter()) if dist.is_main else QuietReporter()
+    # 1. The run folder: one trainer per folder, claimed before the model loads so a second fails at once.
+    with open_run(RunFiles.of(job), dist):
+        # 2. The parts: model with LoRAs, optimizer, alpha schedule, batches.
+        parts = build_parts(job, cache_dir, device, dist)
+        # 3. Resume or start, then record the data and config trained on.
+        state = start_run(parts, options, cache_dir, reporter)
+        total = job.process.train.steps
+        reporter.on_start(job, state.run_id, state.step, total)
+        result = TrainResult(run_id=state.run_id, steps=total, files=parts.files)
+        started = time.perf_counter()
+        # 4. The loop: step, checkpoint if due, sample if due.
+        end = total if options.stop_after is None else min(total, options.stop_after)
+        _run_steps(parts, state, reporter, result, end=end)
+        # 5. The final LoRAs, once every step has run.
+        if state.step == total and dist.is_main:
+            result.final_loras = save_final(parts)
+        dist.barrier()
+        result.seconds = time.perf_counter() - started
+        result.transitions = parts.scheduler.transitions
+        reporter.on_end(result)
+        return result
+
+
+def _run_steps(
+    parts: TrainParts, state: TrainState, reporter: Reporter, result: TrainResult, *, end: int
+) -> None:
+    """Optimizer steps until `end`, each logged, then checkpointed and sampled when due."""
+    log = MetricsLog(parts.files.metrics) if parts.dist.is_main else None
+    try:
+        while state.step < end:
+            _one_step(parts, state, log, reporter)
+            _maybe_checkpoint(parts, state, reporter, final=state.step == result.steps)
+            _maybe_sample(parts, state, reporter, result, final=state.step == result.steps)
+    finally:
+        if log is not None:
+            log.close()
+
+
+@contextmanager
+def open_run(files: RunFiles, dist: Dist) -> Iterator[None]:
+    """Rank 0 holds the run folder's lock; every rank fails alike when another trainer has it."""
+    with ExitStack() as stack:
+        problem = ""
+        if dist.is_main:
+            try:
+                stack.enter_context(claim(files))
+            except TrainingError as exc:
+                problem = str(exc)
+        problem = dist.broadcast_str(problem)
+        if problem:
+            raise TrainingError(problem)
+        yield
+
+
+def start_run(parts: TrainParts, options: TrainOptions, cache_dir: Path, reporter: Reporter) -> TrainState:
+    """Resume the run in the folder or start one (refusing to overwrite a run not asked to resume),
+    then record its data and config. Every rank agrees on the run id (rank 0's) and on the folder.
+    """
+    job, files, dist = parts.job, parts.files, parts.dist
+    state = TrainState(run_id=dist.broadcast_str(uuid.uuid4().hex[:12]))
+    if options.resume:
+        if resume(parts, state, restart_on_new_data=options.restart_on_new_data, log=reporter.log):
+            reporter.log(f"resumed {job.name} at step {state.step} (run {state.run_id})")
+        else:
+            reporter.log(f"no checkpoint to resume in {files.root}: {job.name} starts afresh")
+    elif files.complete_steps(parts.experts) or files.metrics.exists():
+        raise TrainingError(
+            f"{files.root} already holds a run named {job.name!r}; pass --resume to continue it or change config.name"
+        )
+    if dist.is_main:
+        reporter.log(_record_data(parts, cache_dir))
+    dist.barrier()  # every rank has looked at the run folder before rank 0 writes to it
+    if dist.is_main:
+        write_text(files.config, dump_config(job))
+    return state
 
 
 def _record_data(parts: TrainParts, cache_dir: Path) -> str:
@@ -493,77 +606,7 @@ def _record_data(parts: TrainParts, cache_dir: Path) -> str:
     )
 
 
-@contextmanager
-def _claimed(files: RunFiles, dist: Dist) -> Iterator[None]:
-    """Rank 0 holds the run folder's lock; every rank fails alike when another trainer has it."""
-    with ExitStack() as stack:
-        problem = ""
-        if dist.is_main:
-            try:
-                stack.enter_context(claim(files))
-            except TrainingError as exc:
-                problem = str(exc)
-        problem = dist.broadcast_str(problem)
-        if problem:
-            raise TrainingError(problem)
-        yield
-
-
-def _train(
-    job: JobConfig,
-    cache_dir: Path,
-    resume_run: bool,
-    restart_on_new_data: bool,
-    reporter: Reporter | None,
-    device: torch.device | None,
-    stop_after: int | None,
-    dist: Dist,
-) -> TrainResult:
-    reporter = (reporter or ConsoleReporter()) if dist.is_main else QuietReporter()
-    parts = build_parts(job, cache_dir, device, dist)
-    # Every rank agrees on the run id (rank 0's), so a resumed or fresh run is one run.
-    state = TrainState(run_id=dist.broadcast_str(uuid.uuid4().hex[:12]))
-    files = parts.files
-    if resume_run:
-        if resume(parts, state, restart_on_new_data=restart_on_new_data, log=reporter.log):
-            reporter.log(f"resumed {job.name} at step {state.step} (run {state.run_id})")
-        else:
-            reporter.log(f"no checkpoint to resume in {files.root}: {job.name} starts afresh")
-    elif files.complete_steps(parts.experts) or files.metrics.exists():
-        raise TrainingError(
-            f"{files.root} already holds a run named {job.name!r}; pass --resume to continue it or change config.name"
-        )
-    if dist.is_main:
-        reporter.log(_record_data(parts, cache_dir))
-    dist.barrier()  # every rank has looked at the run folder before rank 0 writes to it
-    if dist.is_main:
-        write_text(files.config, dump_config(job))
-    total = job.process.train.steps
-    end = total if stop_after is None else min(total, stop_after)
-    reporter.on_start(job, state.run_id, state.step, total)
-    log = MetricsLog(files.metrics) if dist.is_main else None
-    result = TrainResult(run_id=state.run_id, steps=total, files=files)
-    started = time.perf_counter()
-    try:
-        while state.step < end:
-            result.transitions += _one_step(parts, state, log, reporter)
-            _maybe_checkpoint(parts, state, reporter, final=state.step == total)
-            _maybe_sample(parts, state, reporter, result, final=state.step == total)
-    finally:
-        if log is not None:
-            log.close()
-    if state.step == total and dist.is_main:
-        result.final_loras = save_final(parts)
-    dist.barrier()
-    result.seconds = time.perf_counter() - started
-    result.transitions = parts.scheduler.transitions
-    reporter.on_end(result)
-    return result
-
-
-def _one_step(
-    parts: TrainParts, state: TrainState, log: MetricsLog | None, reporter: Reporter
-) -> list[Transition]:
+def _one_step(parts: TrainParts, state: TrainState, log: MetricsLog | None, reporter: Reporter) -> None:
     step = state.step
     expert = expert_at(step, parts.experts, parts.job.process.train.switch_boundary_every)
     activate(parts, expert)
@@ -580,8 +623,6 @@ def _one_step(
         reporter.log(f"step {step} skipped ({result.skipped}, {expert}, bucket {record['bucket']})")
     if result.transition is not None:
         reporter.on_transition(result.transition)
-        return [result.transition]
-    return []
 
 
 def _maybe_checkpoint(parts: TrainParts, state: TrainState, reporter: Reporter, *, final: bool) -> None:
