@@ -33,7 +33,6 @@ from wan_assets.core.data.cache import (
     encode_clip,
     probe_clip,
 )
-from wan_assets.core.data.latents import content_key
 from wan_assets.metadata import table_metadata
 
 videos = DynamicPartitionsDefinition(name="videos")
@@ -161,11 +160,10 @@ def latent_cache(
     records = [ClipRecord.from_json(r) for r in latents.values()]
     index = build_index(job, records, project.root().cache)
     rows = index.table()
-    version = content_key(**{k: r.data_version for k, r in index.clips.items()}, splits=index.splits)
     context.log.info(f"latent index of {len(records)} clips in {len(rows)} bucket/split groups")
     return Output(
         {"index": str(project.root().cache / "index" / f"{job.name}.json"), "clips": len(records)},
-        data_version=DataVersion(version),
+        data_version=DataVersion(index.identity()),
         metadata={
             "clips": len(records),
             "train_clips": sum(1 for s in index.splits.values() if s == "train"),

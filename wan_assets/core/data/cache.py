@@ -347,6 +347,15 @@ class LatentIndex:
             "text_embeds"
         ]
 
+    def identity(self) -> str:
+        """The one identity of what training on this index sees: each clip's content key (its latent
+        variants, which address the clip's bytes, frame indices, bucket and VAE, and its caption's
+        text embedding) and its split. Paths, warnings and the index file's layout do not count.
+        It is `latent_cache`'s Dagster data version and the `index_hash` a checkpoint resumes on.
+        """
+        clips = {key: record.data_version for key, record in self.clips.items()}
+        return content_key(**{**clips, "splits": self.splits})
+
     def to_json(self) -> dict:
         return {
             "version": INDEX_VERSION,

@@ -64,7 +64,7 @@ class TrainParts:
     stream: BatchStream
     device: torch.device
     compute_dtype: torch.dtype
-    index_hash: str  # the latent index trained on: a checkpoint resumes only on the same data
+    index_hash: str  # LatentIndex.identity() of the data trained on: a checkpoint resumes only on it
     dist: Dist = field(default_factory=Dist)
     sampler: TrainingSampler | None = None  # rank 0 only, when the job has `sample:`
 
@@ -157,7 +157,6 @@ def build_parts(
         transformer.train()
     scheduler = AlphaScheduler(job.process.network, job.experts)
     apply_alpha(model, scheduler, job.experts)
-    index_hash = hashlib.sha256(index_file.read_bytes()).hexdigest()[:16]
     index = load_index(index_file)
     stream = BatchStream(
         index,
@@ -176,7 +175,7 @@ def build_parts(
         stream=stream,
         device=device,
         compute_dtype=compute_dtype,
-        index_hash=index_hash,
+        index_hash=index.identity(),
         dist=dist,
         sampler=_sampler(job, index, device, compute_dtype) if dist.is_main else None,
     )
@@ -458,12 +457,18 @@ def _resume_problem(parts: TrainParts, saved: dict, path: Path) -> str | None:
             f"checkpoint {path} trained {', '.join(saved['experts'])}, this config trains "
             f"{', '.join(parts.experts)}; resume with the run's own config.yaml or change config.name"
         )
-    if saved.get("index_hash") != parts.index_hash:
+    if saved.get("index_hash") not in (parts.index_hash, _legacy_index_hash(parts)):
         return (
             f"the latent cache changed since checkpoint {path}, so it cannot be resumed exactly; "
             "change config.name for a new run (or pass --restart-on-new-data)"
         )
     return None
+
+
+def _legacy_index_hash(parts: TrainParts) -> str:
+    """What checkpoints written before `LatentIndex.identity` stored: the index file's bytes hashed."""
+    index_file = index_path(parts.stream.index.cache_dir, parts.job)
+    return hashlib.sha256(index_file.read_bytes()).hexdigest()[:16]
 
 
 def save_final(parts: TrainParts) -> dict[str, Path]:
