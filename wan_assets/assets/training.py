@@ -24,7 +24,7 @@ from dagster import (
 from resources.launcher import TrainingLauncher
 from resources.project import WanProjectResource
 from wan_assets.assets.data import latent_cache
-from wan_assets.automation import EVALUATE, RETRAIN
+from wan_assets.automation import EVALUATE
 from wan_assets.core.config import with_experts
 from wan_assets.core.experts import EXPERTS
 from wan_assets.core.metrics.summary import summarize
@@ -54,7 +54,6 @@ def _observation(message: dict) -> AssetObservation | None:
             LORA_KEYS[expert],
             deps=[latent_cache],
             group_name="training",
-            automation_condition=RETRAIN,
             description=f"The {expert.replace('_', '-')} expert's LoRA ({'transformer/' if expert == 'high_noise' else 'transformer_2/'}), "
             "trained from the latent cache with the alpha schedule; ComfyUI / diffusers keys.",
             skippable=True,
