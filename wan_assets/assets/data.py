@@ -35,7 +35,8 @@ from wan_assets.core.data.cache import (
 )
 from wan_assets.metadata import table_metadata
 
-videos = DynamicPartitionsDefinition(name="videos")
+VIDEOS = "videos"  # the clip partitions' name
+videos = DynamicPartitionsDefinition(name=VIDEOS)
 
 
 def _clip_failure(context: AssetExecutionContext, exc: Exception) -> Failure:

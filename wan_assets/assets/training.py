@@ -6,6 +6,7 @@ alpha-phase transitions arrive as asset observations while it runs.
 """
 
 import math
+from typing import Any
 
 from dagster import (
     AssetCheckResult,
@@ -123,7 +124,7 @@ def evaluated_checkpoints(context: AssetExecutionContext, project: WanProjectRes
     report = evaluate_run(job, project.root().cache, device=project.torch_device())
     means = report.mean_by_step()
     best = report.best_step
-    metadata = {
+    metadata: dict[str, Any] = {
         "checkpoints": table_metadata(report.table()),
         "best_step": best,
         "best_val_loss": means[best],

@@ -179,6 +179,7 @@ class EncoderHandle:
                 device=self.device,
                 load_experts=(),
             )
+            assert parts.text_encoder is not None and parts.tokenizer is not None, "loaded by default"
             self._encoder = ClipEncoder(parts.vae, parts.text_encoder, parts.tokenizer, self.device)
         return self._encoder
 
@@ -394,9 +395,9 @@ def assign_splits(keys: Iterable[str], validation_split: float) -> dict[str, str
 
 
 def build_index(job: JobConfig, records: Iterable[ClipRecord], cache_dir: Path) -> LatentIndex:
-    records = {r.key: r for r in records}
+    by_key = {r.key: r for r in records}
     split = max(d.validation_split for d in job.process.datasets)
-    index = LatentIndex(job.name, cache_dir, records, assign_splits(records, split))
+    index = LatentIndex(job.name, cache_dir, by_key, assign_splits(by_key, split))
     write_json(index_path(cache_dir, job), index.to_json())
     return index
 

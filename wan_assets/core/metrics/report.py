@@ -87,7 +87,7 @@ def summary(db_path: Path, *, max_runs: int = 5, timeout_s: float = READ_TIMEOUT
             "SELECT run_id, name, status, steps, started FROM runs ORDER BY started DESC NULLS LAST LIMIT ?",
             [max_runs],
         ).fetchall()
-        total = con.execute("SELECT count(*) FROM runs").fetchone()[0]
+        (total,) = con.execute("SELECT count(*) FROM runs").fetchone() or (0,)
         if not runs:
             return f"metrics database {db_path}: no runs yet"
         parts = [f"metrics database {db_path}: {total} run(s), newest {len(runs)} shown"]

@@ -241,12 +241,13 @@ def _require_subfolders(name_or_path: str, subfolders: list[str]) -> None:
 def _load_scheduler(name: str, index: dict[str, Any]) -> SchedulerMixin:
     # The class comes from model_index.json, as DiffusionPipeline.from_pretrained does it.
     library, class_name = index.get("scheduler", ("diffusers", "UniPCMultistepScheduler"))
-    scheduler_cls = getattr(diffusers, class_name, None) if library == "diffusers" else None
+    scheduler_cls: Any = getattr(diffusers, class_name, None) if library == "diffusers" else None
     if not (isinstance(scheduler_cls, type) and issubclass(scheduler_cls, SchedulerMixin)):
         raise ValueError(
             f"model {name!r}: model_index.json names an unknown scheduler {library}.{class_name}"
         )
-    return scheduler_cls.from_pretrained(name, subfolder="scheduler")
+    # diffusers reads as Any to mypy (pyproject), so the issubclass check above narrows only to `type`.
+    return scheduler_cls.from_pretrained(name, subfolder="scheduler")  # type: ignore[attr-defined]
 
 
 def _load_expert(

@@ -115,6 +115,12 @@ class Float8FrozenLinear(torch.nn.Module):
     memory as bf16, fastest); without it the copy is made per backward call (half the memory).
     """
 
+    # The buffers registered in __init__, typed (nn.Module's attribute lookup types them loosely).
+    weight_fp8: torch.Tensor
+    weight_scale: torch.Tensor
+    weight_fp8_t: torch.Tensor | None
+    bias: torch.Tensor | None
+
     def __init__(self, linear: torch.nn.Linear, *, keep_transposed: bool) -> None:
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features

@@ -16,8 +16,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from diffusers.models.transformers.transformer_wan import WanTransformerBlock
 
 GIB = 2**30
 
@@ -35,7 +39,7 @@ class _Shape:
 class MatmulPlanner:
     def __init__(
         self,
-        blocks: list[torch.nn.Module],
+        blocks: list[WanTransformerBlock],
         device: torch.device,
         *,
         guess_per_token: int,

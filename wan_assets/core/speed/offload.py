@@ -62,6 +62,7 @@ class ActivationOffloader:
         if index > 0:
             self._prefetch(self.slots[index - 1])  # the next backward's input
         current = torch.cuda.current_stream(self.device)
+        assert slot.ready is not None and slot.loaded is not None, "prefetched above"
         current.wait_event(slot.ready)
         tensor, slot.loaded = slot.loaded, None
         tensor.record_stream(current)
@@ -70,6 +71,7 @@ class ActivationOffloader:
     def _prefetch(self, slot: _Slot) -> None:
         if slot.loaded is not None:
             return
+        assert self.stream is not None and slot.stored is not None, "a slot stored on the side stream"
         with torch.cuda.stream(self.stream):
             self.stream.wait_event(slot.stored)
             slot.loaded = slot.host.to(self.device, non_blocking=True)

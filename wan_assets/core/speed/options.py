@@ -30,6 +30,7 @@ import shutil
 from dataclasses import dataclass
 
 import torch
+from diffusers import WanTransformer3DModel
 from peft.tuners.lora.layer import LoraLayer
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
@@ -56,7 +57,7 @@ class AppliedOptions:
 
 
 def apply_training_options(
-    transformer: torch.nn.Module, train: TrainConfig, model_cfg: ModelConfig, device: torch.device | str
+    transformer: WanTransformer3DModel, train: TrainConfig, model_cfg: ModelConfig, device: torch.device | str
 ) -> AppliedOptions:
     """Set up one expert (LoRA already added) for training on `device`; see the module docstring.
 
@@ -102,7 +103,7 @@ def apply_training_options(
     return AppliedOptions(mode, train.compile, fp8_linears, kind)
 
 
-def clear_training_options(transformer: torch.nn.Module) -> None:
+def clear_training_options(transformer: WanTransformer3DModel) -> None:
     """Undo checkpointing, compilation and hooks (quantization stays): a fresh start for options."""
     for hook in getattr(transformer, "_wan_perf_hooks", ()):
         hook.remove()
@@ -166,7 +167,7 @@ def _cxx_compiler() -> str | None:
 
 
 def _place_and_quantize(
-    transformer: torch.nn.Module,
+    transformer: WanTransformer3DModel,
     train: TrainConfig,
     kind: str | None,
     device: torch.device,
@@ -182,6 +183,7 @@ def _place_and_quantize(
                 # a transposed copy too (bf16's footprint, no transpose per backward).
                 swapped += quantize.to_float8(block, keep_transposed=not kind)
             else:
+                assert kind is not None, "the branch runs for fp8 compute or a weight-only kind"
                 quantize.weight_only(block, kind)
             block.to(home)
     transformer.to(home)
@@ -198,16 +200,18 @@ def _checkpoint_mode(train: TrainConfig) -> str:
 
 
 def _install_checkpointing(
-    transformer: torch.nn.Module, mode: str, offloader: ActivationOffloader | None
+    transformer: WanTransformer3DModel, mode: str, offloader: ActivationOffloader | None
 ) -> None:
     if mode == "offload":
+        assert offloader is not None, "offload mode comes with its offloader"
         # diffusers hands each block and its inputs to this function while grad is on.
         transformer.enable_gradient_checkpointing(functools.partial(offloaded_block, offloader=offloader))
     elif mode in ("full", "selective"):
         # Checkpointing inside the block's own forward, so that torch.compile sees it and the
         # selective policy applies to the compiled ops.
         for block in transformer.blocks:
-            block.__class__ = _checkpointed_class(type(block))
+            # A class is hashable; mypy reads type(block) of a block typed Any as unhashable type[Any].
+            block.__class__ = _checkpointed_class(type(block))  # type: ignore[arg-type]
             block.wan_policy = "attention" if mode == "selective" else "full"
 
 
@@ -301,7 +305,7 @@ def _first_block_input_needs_grad(module, args, output, *, planner):
 # --- compilation ----------------------------------------------------------------------------------------
 
 
-def _compile_blocks(transformer: torch.nn.Module, *, halves: bool) -> None:
+def _compile_blocks(transformer: WanTransformer3DModel, *, halves: bool) -> None:
     """Compile each block, or under activation offload each block's halves (what offload runs)."""
     dynamo = torch._dynamo.config
     dynamo.recompile_limit = max(dynamo.recompile_limit, RECOMPILE_LIMIT)

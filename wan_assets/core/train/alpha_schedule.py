@@ -197,9 +197,9 @@ class AlphaScheduler:
         self.network = network
         self.experts = tuple(check_expert(e) for e in experts)
         schedule = network.alpha_schedule
-        self.stats = {e: ExpertStats() for e in self.experts}
+        self.stats: dict[str, ExpertStats] = {e: ExpertStats() for e in self.experts}
         # Statistics are kept either way (they are logged); machines only exist when they can act.
-        self.machines = (
+        self.machines: dict[str, PhaseMachine] = (
             {e: PhaseMachine(e, schedule.phases_for(e)) for e in self.experts} if schedule.enabled else {}
         )
         self._transitions: list[Transition] = []

@@ -18,6 +18,7 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -274,6 +275,7 @@ def train_step(parts: TrainParts, state: TrainState, step: int) -> StepResult:
         # Every rank takes the same branch (these are collectives), so none waits forever.
         if dist.any_flag(oom):
             return _out_of_memory(parts, state, step, expert, batch)
+        assert loss is not None, "no rank ran out of memory, so this one computed its loss"
         if dist.any_flag(not bool(torch.isfinite(loss))):
             parts.optimizer.zero_grad(set_to_none=True)
             return _skipped(expert, "nonfinite_loss", batch, timestep=float(t.mean()))
@@ -286,14 +288,14 @@ def train_step(parts: TrainParts, state: TrainState, step: int) -> StepResult:
     stability = parts.stability.measure(expert, parts.params[expert])
     # 4. The optimizer step.
     parts.optimizer.step()
-    loss = loss_sum / train.gradient_accumulation
+    mean_loss = loss_sum / train.gradient_accumulation
     # 5. The alpha schedule: this expert's statistics, and its new alpha when its phase changes.
-    transition = parts.scheduler.record(step, expert, loss, stability)
+    transition = parts.scheduler.record(step, expert, mean_loss, stability)
     if transition is not None:
         apply_alpha(parts.model, parts.scheduler, (expert,))
     return StepResult(
         expert=expert,
-        loss=loss,
+        loss=mean_loss,
         timestep=float(torch.cat(timesteps).mean()),
         grad_norm=grad_norm,
         stability=stability,
@@ -596,7 +598,7 @@ def _record_data(parts: TrainParts, cache_dir: Path) -> str:
     line to log: a cache run that lost clips must not go unnoticed."""
     stream = parts.stream
     clips = [key for keys in stream.buckets.values() for key in keys]
-    data = {
+    data: dict[str, Any] = {
         "index": str(index_path(cache_dir, parts.job)),
         "index_hash": parts.index_hash,
         "num_clips": len(clips),

@@ -169,7 +169,8 @@ class Automagic(torch.optim.Optimizer):
         super().__init__(params, defaults)
 
     @torch.no_grad()
-    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+    # One body for both of torch's `step` overloads (closure or none), as torch's own optimizers do.
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -181,6 +182,7 @@ class Automagic(torch.optim.Optimizer):
         return loss
 
     def _step_param(self, p: Tensor, group: dict[str, Any]) -> None:
+        assert p.grad is not None, "step() passes only parameters with a gradient"
         grad = p.grad.float()
         state = self.state[p]
         if not state:
@@ -292,6 +294,7 @@ class GradientStability:
         self._prev_signs[expert], self._shapes[expert] = signs, shapes
         if prev is None:
             return None
+        assert prev_shapes is not None, "signs and shapes are stored together"
         _check_same_layout(expert, prev_shapes, shapes)
         return float((signs == prev.to(signs.device)).sum()) / signs.numel()
 

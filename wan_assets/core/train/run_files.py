@@ -186,7 +186,7 @@ def save_state(path: Path, state: dict) -> Path:
     with atomic_output(path) as tmp, tmp.open("wb") as handle:
         sink = _KeepWriteError(handle)
         try:
-            torch.save(state, sink)
+            torch.save(state, sink)  # type: ignore[arg-type]  # any object with write/flush works
         except RuntimeError:
             if sink.error is not None:
                 raise sink.error from None  # the real cause (a full disk: ENOSPC), not torch's restatement
@@ -199,7 +199,8 @@ class _KeepWriteError:
     "unexpected pos" (a RuntimeError without errno)."""
 
     def __init__(self, handle: BinaryIO) -> None:
-        self.handle, self.error = handle, None
+        self.handle = handle
+        self.error: OSError | None = None
 
     def write(self, data: bytes) -> int:
         try:
