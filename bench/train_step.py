@@ -156,7 +156,7 @@ def add_adapter(model: WanTransformer3DModel, job) -> list[torch.nn.Parameter]:
     return params
 
 
-def make_batch(size: str) -> Batch:
+def make_batch(size: str, text_dim: int = A14B["text_dim"]) -> Batch:
     height, width, frames = (int(v) for v in size.split("x"))
     f_lat, h_lat, w_lat = (frames - 1) // 4 + 1, height // 8, width // 8
     g = torch.Generator().manual_seed(7)
@@ -168,7 +168,7 @@ def make_batch(size: str) -> Batch:
         epoch=0,
         latents=torch.randn(1, 16, f_lat, h_lat, w_lat, generator=g),
         condition=torch.cat([mask, torch.randn(1, 16, f_lat, h_lat, w_lat, generator=g)], dim=1),
-        text=torch.randn(1, TEXT_TOKENS, 4096, generator=g),
+        text=torch.randn(1, TEXT_TOKENS, text_dim, generator=g),
         dropped=(False,),
     )
 
@@ -234,7 +234,7 @@ def reference_step(model, params, optimizer, batch: Batch, step: int, train, dev
     noise = torch.randn(batch.latents.shape[1:], generator=generator).unsqueeze(0)
     x_t, target = noisy_input(batch.latents, noise, t)
     hidden = torch.cat([x_t, batch.condition], dim=1).to(device, torch.bfloat16)
-    with torch.autocast("cuda", dtype=torch.bfloat16):
+    with torch.autocast(device.type, dtype=torch.bfloat16):
         pred = model(
             hidden_states=hidden,
             timestep=t.to(device),
@@ -375,15 +375,15 @@ def run_steps(
     return result
 
 
-def setup_mode(mode: str, model, job) -> str:
-    """Apply a mode's options to the model in place; return what was applied."""
+def setup_mode(mode: str, model, job, device: torch.device | None = None) -> str:
+    """Apply a mode's options to the model in place; return what was applied (on CUDA by default)."""
     if mode == "reference":
         model.enable_gradient_checkpointing()
         model.train()
         return "diffusers gradient checkpointing, peft defaults"
     torch._dynamo.reset()  # the previous mode's compiled graphs would only add guard checks
     applied = speed_options.apply_training_options(
-        model, job.process.train, job.process.model, torch.device("cuda")
+        model, job.process.train, job.process.model, device or torch.device("cuda")
     )
     model.train()
     return str(applied)
