@@ -297,11 +297,6 @@ class OptimizerParams(_Model):
         return default if value is None else value
 
 
-class EmaConfig(_Model):
-    use_ema: bool = False
-    ema_decay: float = 0.99
-
-
 class TrainConfig(_Model):
     INERT = frozenset(
         {

@@ -85,12 +85,6 @@ class ExpertStats:
     def trend(self) -> LossTrend:
         return loss_trend(list(self._losses))
 
-    def loss_ema(self, span: int) -> float | None:
-        return self._loss_ema[span]
-
-    def grad_ema(self, span: int) -> float | None:
-        return self._grad_ema[span]
-
     @property
     def gradient_stability_avg(self) -> float | None:
         return self._grad_ema[50]
