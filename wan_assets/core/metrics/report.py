@@ -1,7 +1,7 @@
 """Reading the metrics database: read-only queries, plain-text tables, the demo's summary.
 
 Every read opens the file read-only for one query and closes it, so each query sees the newest
-ingest (which swaps in a new file, see `metrics_db`) and no session is left holding an old one.
+ingest (which swaps in a new file, see `metrics.database`) and no session is left holding an old one.
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ The base weights of a LoRA run never change, so they are quantized once, here, n
   backward even when the weight is frozen, a third GEMM that a LoRA run throws away.
 - weight-only int8 / fp8 through torchao `quantize_` (memory mode without fp8 compute): the weight
   is dequantized for each matmul, which runs in the compute dtype. torchao's int4 (tinygemm) has no
-  backward pass, so it cannot train a LoRA (perf.check_options refuses it).
+  backward pass, so it cannot train a LoRA (speed.options.check_options refuses it).
 LoRA adapters (peft `lora_A` / `lora_B`) are never touched: they train in their own dtype.
 """
 

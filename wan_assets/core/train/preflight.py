@@ -60,13 +60,13 @@ def _backend_problems(job: JobConfig) -> list[str]:
     return []
 
 
-# Training options `perf.check_options` judges per device, and whether the probe for one keeps the
+# Training options `speed.options.check_options` judges per device, and whether the probe for one keeps the
 # model's quantization (fp8 compute must agree with the stored qtype).
 _DEVICE_OPTIONS = {"fp8_compute": True, "compile": False, "activation_offload": False}
 
 
 def _device_problems(job: JobConfig, device: torch.device) -> list[str]:
-    """Quantization, fp8 compute, compile and offload on `device`, as `perf.check_options` decides.
+    """Quantization, fp8 compute, compile and offload on `device`, as `speed.options.check_options` decides.
 
     check_options stops at the first option it refuses; asking once per option (the others off)
     names them all, in its own words.
