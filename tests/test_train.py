@@ -15,6 +15,7 @@ import pytest
 import torch
 import yaml
 from diffusers import WanImageToVideoPipeline
+from PIL import Image
 from safetensors.torch import load_file
 
 from wan_assets.core.config import parse_config
@@ -277,6 +278,10 @@ def test_seed_example_config_trains_on_the_tiny_model(
     process["train"].update(steps=4, attention_backend="sdpa", dtype="fp32")
     process["save"]["save_every"] = 2
     process["sample"].update(width=64, height=64, num_frames=5, sample_steps=2, sample_every=4)
+    # The seed's ctrl_img is a file next to the workdir; a missing one is an error (sampling.py).
+    first_frame = tmp_path / "first_frame.png"
+    Image.new("RGB", (64, 64), (90, 120, 200)).save(first_frame)
+    process["sample"]["samples"][0]["ctrl_img"] = str(first_frame)
     process["network"]["linear"] = 4
     job = parse_config(raw, workdir=tiny_cache).job
     from wan_assets.core.data.cache import EncoderHandle, cache_dataset
