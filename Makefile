@@ -28,6 +28,7 @@ test: $(STAMP) lint
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/mypy wan_assets resources
 
 format: $(STAMP)
 	$(BIN)/ruff check --fix .

@@ -1,4 +1,4 @@
-"""Latent-cache throughput (DESIGN 4): clips/s for decode + encode, and the share of wall time the
+"""Latent-cache throughput (docs/architecture.md §4): clips/s for decode + encode, and the share of wall time the
 VAE is busy, with decoding done inline (prefetch 0) and overlapped with encoding (prefetch 2).
 
   python bench/cache_throughput.py                  # tiny model on CPU, the synthetic clips
@@ -29,12 +29,12 @@ from safetensors import safe_open
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from wan_assets.core import latents  # noqa: E402
-from wan_assets.core.cache import EncoderHandle, cache_dataset  # noqa: E402
 from wan_assets.core.config import parse_config  # noqa: E402
-from wan_assets.core.synthetic import write_sample_videos  # noqa: E402
-from wan_assets.core.tiny_model import build_tiny_model  # noqa: E402
-from wan_assets.core.video_io import write_video  # noqa: E402
+from wan_assets.core.data import latents  # noqa: E402
+from wan_assets.core.data.cache import EncoderHandle, cache_dataset  # noqa: E402
+from wan_assets.core.data.synthetic import write_sample_videos  # noqa: E402
+from wan_assets.core.data.video_io import write_video  # noqa: E402
+from wan_assets.core.model.tiny import build_tiny_model  # noqa: E402
 
 VAE_BUSY = {"seconds": 0.0}
 

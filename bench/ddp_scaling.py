@@ -2,7 +2,7 @@
 
 Run once per process count under torchrun on one machine; each run appends one JSON line. Every
 rank builds the real-size expert with random weights on its own GPU (no download), adds the
-rank-64 LoRA, and runs `wan_assets.core.train.train_step` on a global batch of one clip per rank,
+rank-64 LoRA, and runs `wan_assets.core.train.loop.train_step` on a global batch of one clip per rank,
 so the per-GPU work is the same at every process count and throughput = ranks / (s/step).
 
   torchrun --standalone --nproc-per-node=1 bench/ddp_scaling.py --out scaling.jsonl
@@ -26,10 +26,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import train_step as ts
 
-from wan_assets.core.batches import Batch
-from wan_assets.core.distributed import init_from_env, shutdown
-from wan_assets.core.perf import apply_training_options
-from wan_assets.core.train import TrainState, train_step
+from wan_assets.core.data.batches import Batch
+from wan_assets.core.speed.options import apply_training_options
+from wan_assets.core.train.distributed import init_from_env, shutdown
+from wan_assets.core.train.loop import TrainState, train_step
 
 
 def global_batch(size: str, world: int) -> Batch:

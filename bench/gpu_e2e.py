@@ -1,4 +1,4 @@
-"""The path users run, end to end on a GPU: the real CLI with each shipped recipe (DESIGN 10).
+"""The path users run, end to end on a GPU: the real CLI with each shipped recipe (docs/architecture.md §10).
 
 Builds a random-weight Wan 2.2 I2V model in the diffusers layout (the tiny model's classes and
 layout at a width and depth where the recipes' machinery engages: 128-wide heads, fp8-sized linears,
@@ -219,8 +219,8 @@ def main() -> int:
     parser.add_argument("--tiny", action="store_true", help="the tiny model's sizes (a CPU smoke test)")
     args = parser.parse_args()
 
-    from wan_assets.core.synthetic import write_sample_videos
-    from wan_assets.core.tiny_model import build_tiny_model
+    from wan_assets.core.data.synthetic import write_sample_videos
+    from wan_assets.core.model.tiny import build_tiny_model
 
     args.work.mkdir(parents=True, exist_ok=True)
     logs = args.logs or args.work / "logs"

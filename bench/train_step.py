@@ -1,4 +1,4 @@
-"""One A14B expert's training step: plain diffusers + peft against this project's step (DESIGN 10).
+"""One A14B expert's training step: plain diffusers + peft against this project's step (docs/architecture.md §10).
 
 Builds a real-size Wan 2.2 I2V-A14B expert with random weights directly on the GPU (no download),
 adds a rank-64 LoRA on the block linears, and in this one process times, on identical batches and
@@ -48,17 +48,18 @@ sys.path.insert(0, str(REPO))
 
 from diffusers import UniPCMultistepScheduler, WanTransformer3DModel  # noqa: E402
 
-from wan_assets.core import perf  # noqa: E402
-from wan_assets.core.alpha_schedule import AlphaScheduler  # noqa: E402
-from wan_assets.core.batches import Batch, derive_seed  # noqa: E402
 from wan_assets.core.config import parse_config  # noqa: E402
+from wan_assets.core.data.batches import Batch  # noqa: E402
 from wan_assets.core.experts import timestep_window  # noqa: E402
-from wan_assets.core.flow import flow_loss, noisy_input, sample_timesteps  # noqa: E402
-from wan_assets.core.lora import add_lora  # noqa: E402
-from wan_assets.core.model import WanComponents  # noqa: E402
-from wan_assets.core.optim import GradientStability, build_optimizer  # noqa: E402
-from wan_assets.core.run_files import RunFiles  # noqa: E402
-from wan_assets.core.train import TrainParts, TrainState, train_step  # noqa: E402
+from wan_assets.core.model.loading import WanComponents  # noqa: E402
+from wan_assets.core.model.lora import add_lora  # noqa: E402
+from wan_assets.core.seeds import derive_seed  # noqa: E402
+from wan_assets.core.speed import options as speed_options  # noqa: E402
+from wan_assets.core.train.alpha_schedule import AlphaScheduler  # noqa: E402
+from wan_assets.core.train.flow import flow_loss, noisy_input, sample_timesteps  # noqa: E402
+from wan_assets.core.train.loop import TrainParts, TrainState, train_step  # noqa: E402
+from wan_assets.core.train.optim import GradientStability, build_optimizer  # noqa: E402
+from wan_assets.core.train.run_files import RunFiles  # noqa: E402
 
 A14B = {
     "patch_size": (1, 2, 2),
@@ -155,7 +156,7 @@ def add_adapter(model: WanTransformer3DModel, job) -> list[torch.nn.Parameter]:
     return params
 
 
-def make_batch(size: str) -> Batch:
+def make_batch(size: str, text_dim: int = A14B["text_dim"]) -> Batch:
     height, width, frames = (int(v) for v in size.split("x"))
     f_lat, h_lat, w_lat = (frames - 1) // 4 + 1, height // 8, width // 8
     g = torch.Generator().manual_seed(7)
@@ -167,7 +168,7 @@ def make_batch(size: str) -> Batch:
         epoch=0,
         latents=torch.randn(1, 16, f_lat, h_lat, w_lat, generator=g),
         condition=torch.cat([mask, torch.randn(1, 16, f_lat, h_lat, w_lat, generator=g)], dim=1),
-        text=torch.randn(1, TEXT_TOKENS, 4096, generator=g),
+        text=torch.randn(1, TEXT_TOKENS, text_dim, generator=g),
         dropped=(False,),
     )
 
@@ -233,7 +234,7 @@ def reference_step(model, params, optimizer, batch: Batch, step: int, train, dev
     noise = torch.randn(batch.latents.shape[1:], generator=generator).unsqueeze(0)
     x_t, target = noisy_input(batch.latents, noise, t)
     hidden = torch.cat([x_t, batch.condition], dim=1).to(device, torch.bfloat16)
-    with torch.autocast("cuda", dtype=torch.bfloat16):
+    with torch.autocast(device.type, dtype=torch.bfloat16):
         pred = model(
             hidden_states=hidden,
             timestep=t.to(device),
@@ -374,14 +375,16 @@ def run_steps(
     return result
 
 
-def setup_mode(mode: str, model, job) -> str:
-    """Apply a mode's options to the model in place; return what was applied."""
+def setup_mode(mode: str, model, job, device: torch.device | None = None) -> str:
+    """Apply a mode's options to the model in place; return what was applied (on CUDA by default)."""
     if mode == "reference":
         model.enable_gradient_checkpointing()
         model.train()
         return "diffusers gradient checkpointing, peft defaults"
     torch._dynamo.reset()  # the previous mode's compiled graphs would only add guard checks
-    applied = perf.apply_training_options(model, job.process.train, job.process.model, torch.device("cuda"))
+    applied = speed_options.apply_training_options(
+        model, job.process.train, job.process.model, device or torch.device("cuda")
+    )
     model.train()
     return str(applied)
 
@@ -652,7 +655,7 @@ def micro(log) -> dict:
     """Frozen linear fwd+bwd (bf16, torchao float8 rowwise, ours), SDPA kernels, int4 weight-only."""
     from torch.nn.attention import SDPBackend
 
-    from wan_assets.core.quantize import Float8FrozenLinear
+    from wan_assets.core.model.quantize import Float8FrozenLinear
 
     out = {}
     dev = torch.device("cuda")
@@ -696,7 +699,7 @@ def micro(log) -> dict:
         except Exception as exc:
             out[f"sdpa_{backend.name}_error"] = repr(exc)[:200]
     try:
-        from wan_assets.core.quantize import weight_only
+        from wan_assets.core.model.quantize import weight_only
 
         block = torch.nn.Sequential(torch.nn.Linear(k, k, device=dev, dtype=torch.bfloat16)).requires_grad_(
             False
@@ -746,7 +749,7 @@ def lora_overhead(tokens: int = 9216) -> dict:
         return round(1000 * cuda_time(run), 2)
 
     out = {"block_tokens": hidden.shape[1], "block_no_lora_ms": timed(block())}
-    targets = list(__import__("wan_assets.core.lora", fromlist=["COMFY_NAMES"]).COMFY_NAMES)
+    targets = list(__import__("wan_assets.core.model.lora", fromlist=["COMFY_NAMES"]).COMFY_NAMES)
     lora = inject_adapter_in_model(LoraConfig(r=RANK, lora_alpha=RANK, target_modules=targets), block())
     for name, p in lora.named_parameters():
         if "lora_" in name:

@@ -1,20 +1,16 @@
 """Where the project's files live and which job config the graph runs: swapped per environment."""
 
-import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import cached_property
 
 from dagster import ConfigurableResource
+from pydantic import Field
 
-from wan_assets.core.cache import ClipSource, EncoderHandle, discover_clips
 from wan_assets.core.config import JobConfig, load_config
+from wan_assets.core.data.cache import ClipSource, EncoderHandle, discover_clips
 from wan_assets.core.devices import claim_device, pick_device
 from wan_assets.core.workdir import TINY_CONFIG, Workdir
-
-
-def default_config_path() -> str:
-    return os.environ.get("WAN_ASSETS_CONFIG") or str(TINY_CONFIG)
 
 
 class WanProjectResource(ConfigurableResource):
@@ -23,9 +19,9 @@ class WanProjectResource(ConfigurableResource):
     `device` picks where encoders run: "auto" is the first CUDA device when there is one.
     """
 
-    config_path: str = default_config_path()
-    workdir: str = ""
-    device: str = "auto"
+    config_path: str = Field(default=str(TINY_CONFIG), description="The job config (WAN_ASSETS_CONFIG)")
+    workdir: str = Field(default="", description="The workdir (WAN_ASSETS_HOME); empty: ./.wan_assets")
+    device: str = Field(default="auto", description="Where encoders run: auto, cpu, cuda, cuda:N")
 
     @cached_property
     def _workdir(self) -> Workdir:

@@ -12,14 +12,14 @@ CONFIGS = REPO / "configs"
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from wan_assets.core.tiny_model import build_tiny_model
+    from wan_assets.core.model.tiny import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("tiny") / "wan22-i2v-tiny")
 
 
 @pytest.fixture(scope="session")
 def clips_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from wan_assets.core.synthetic import write_sample_videos
+    from wan_assets.core.data.synthetic import write_sample_videos
 
     out = tmp_path_factory.mktemp("clips") / "clips"
     write_sample_videos(out)
@@ -49,8 +49,8 @@ def tiny_job_raw(clips: Path, model: Path, **train) -> dict:
 @pytest.fixture(scope="session")
 def tiny_cache(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path, clips_dir: Path) -> Path:
     """A workdir whose cache/ holds the tiny config's latents of the synthetic clips."""
-    from wan_assets.core.cache import EncoderHandle, cache_dataset
     from wan_assets.core.config import parse_config
+    from wan_assets.core.data.cache import EncoderHandle, cache_dataset
 
     workdir = tmp_path_factory.mktemp("cached")
     job = parse_config(tiny_job_raw(clips_dir, tiny_model_dir), workdir=workdir).job

@@ -1,4 +1,4 @@
-"""Alpha schedule and per-expert statistics (DESIGN 5): numbers vs numpy, transitions, exact resume."""
+"""Alpha schedule and per-expert statistics (docs/architecture.md §5): numbers vs numpy, transitions, exact resume."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-from wan_assets.core.alpha_schedule import AlphaScheduler, PhaseMachine, Transition
 from wan_assets.core.config import NetworkConfig
-from wan_assets.core.stats import ExpertStats
+from wan_assets.core.train.alpha_schedule import AlphaScheduler, PhaseMachine, Transition
+from wan_assets.core.train.stats import ExpertStats
 
 RATE = 0.0005  # loss_improvement_rate_below of the designed schedule
 CRITERIA = {

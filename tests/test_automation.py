@@ -78,3 +78,23 @@ def test_changed_latent_cache_retrains_at_the_cron_tick_and_evaluation_follows()
         assert result.get_num_requested(AssetKey("lora_high_noise")) == 0, "new data waits for the next tick"
         result = tick(day + datetime.timedelta(days=2, hours=14, minutes=5), result)
         assert result.get_num_requested(AssetKey("lora_high_noise")) == 1
+
+
+def test_deployment_settings_become_resource_fields_and_crons() -> None:
+    from wan_assets.automation import evaluation_schedule, retrain_condition
+    from wan_assets.definitions import Settings, resources, settings
+
+    env = {
+        "WAN_ASSETS_CONFIG": "/deploy/job.yaml",
+        "WAN_ASSETS_HOME": "/deploy/work",
+        "WAN_ASSETS_TRAIN_PROCS": "4",
+        "WAN_ASSETS_RETRAIN_CRON": "0 3 * * *",
+        "WAN_ASSETS_EVAL_CRON": "0 7 * * *",
+    }
+    deployment = settings(env)
+    built = resources(deployment)
+    assert (built["project"].config_path, built["project"].workdir) == ("/deploy/job.yaml", "/deploy/work")
+    assert built["launcher"].nproc_per_node == 4
+    assert evaluation_schedule(deployment.eval_cron).cron_schedule == "0 7 * * *"
+    assert "0 3 * * *" in str(retrain_condition(deployment.retrain_cron))
+    assert settings({}) == Settings() and Settings().retrain_cron == "0 2 * * *"

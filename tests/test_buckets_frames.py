@@ -7,9 +7,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from wan_assets.core.buckets import Bucket, BucketError, bucket_sizes, choose_bucket, crop_loss, resize_plan
-from wan_assets.core.captions import CaptionError, apply_trigger, read_caption, require_caption
-from wan_assets.core.frames import FrameSampling, FrameSamplingError, plan_frames
+from wan_assets.core.data.buckets import (
+    Bucket,
+    BucketError,
+    bucket_sizes,
+    choose_bucket,
+    crop_loss,
+    resize_plan,
+)
+from wan_assets.core.data.captions import CaptionError, apply_trigger, read_caption, require_caption
+from wan_assets.core.data.frames import FrameSampling, FrameSamplingError, plan_frames
 
 
 def test_bucket_table_for_262144_pixels() -> None:

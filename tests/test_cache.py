@@ -12,12 +12,12 @@ import yaml
 from diffusers import WanImageToVideoPipeline
 
 from wan_assets.cli import main
-from wan_assets.core.buckets import Bucket
-from wan_assets.core.cache import EncoderHandle, cache_dataset, load_index
 from wan_assets.core.config import parse_config
-from wan_assets.core.latents import ClipEncoder, frames_to_bucket, pad_text
-from wan_assets.core.model import load_wan_model
-from wan_assets.core.synthetic import write_bad_inputs
+from wan_assets.core.data.buckets import Bucket
+from wan_assets.core.data.cache import EncoderHandle, cache_dataset, load_index
+from wan_assets.core.data.latents import ClipEncoder, frames_to_bucket, pad_text
+from wan_assets.core.data.synthetic import write_bad_inputs
+from wan_assets.core.model.loading import load_wan_model
 
 from .conftest import CONFIGS
 
@@ -153,3 +153,29 @@ def test_cache_command_lists_failures_and_exits_1(
     # The good clips are cached: removing the bad ones makes the same command succeed, encoding nothing new.
     shutil.rmtree(dataset / "bad")
     assert main(["cache", str(config), "--workdir", str(tmp_path)]) == 0
+
+
+def test_index_identity_is_its_content_not_its_file(tiny_cache: Path, tmp_path: Path) -> None:
+    import json
+
+    (source,) = (tiny_cache / "cache" / "index").glob("*.json")
+    index = load_index(source)
+    data = json.loads(source.read_text())
+    # The same content written another way (clips and keys in reverse order, other indentation)
+    # and with what training never reads changed (a clip's path, a warning) is the same identity.
+    clips = {k: dict(reversed(c.items())) for k, c in reversed(data["clips"].items())}
+    first = next(iter(clips))
+    clips[first] |= {"path": "moved/" + clips[first]["path"], "warning": "a note"}
+    rewritten = tmp_path / "cache" / "index" / source.name
+    rewritten.parent.mkdir(parents=True)
+    rewritten.write_text(json.dumps({**data, "clips": clips}, indent=4))
+    assert rewritten.read_bytes() != source.read_bytes()
+    assert load_index(rewritten).identity() == index.identity()
+    # What training sees changes it: a clip moved to the other split, or another caption embedding.
+    split = clips[first]["split"]
+    clips[first]["split"] = "val" if split == "train" else "train"
+    rewritten.write_text(json.dumps({**data, "clips": clips}))
+    assert load_index(rewritten).identity() != index.identity()
+    clips[first] |= {"split": split, "text_key": "0" * 64}
+    rewritten.write_text(json.dumps({**data, "clips": clips}))
+    assert load_index(rewritten).identity() != index.identity()

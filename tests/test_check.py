@@ -12,7 +12,7 @@ import yaml
 
 from wan_assets.cli import main
 from wan_assets.core.config import parse_config
-from wan_assets.core.preflight import preflight
+from wan_assets.core.train.preflight import preflight
 
 from .conftest import CONFIGS, tiny_job_raw
 

@@ -206,7 +206,7 @@ def test_full_disk_is_one_clear_message(workdir, capsys, monkeypatch) -> None:
 
 
 def test_partial_per_expert_exit_criteria_inherit_the_shared_phase(seed_raw, workdir) -> None:
-    from wan_assets.core.alpha_schedule import AlphaScheduler
+    from wan_assets.core.train.alpha_schedule import AlphaScheduler
 
     schedule = _process(seed_raw)["network"]["alpha_schedule"]
     shared = schedule["conv_alpha_phases"]["foundation"]["exit_criteria"]

@@ -6,6 +6,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from dagster import (
     AddDynamicPartitionsRequest,
@@ -18,7 +19,8 @@ from dagster import (
 
 from resources.project import WanProjectResource
 from wan_assets.assets.data import captions, latent_cache, latents, raw_videos, videos
-from wan_assets.core.synthetic import write_bad_inputs, write_sample_videos
+from wan_assets.core.data.synthetic import write_bad_inputs, write_sample_videos
+from wan_assets.core.train.loop import TrainState, build_parts, save_checkpoint
 from wan_assets.sensors import new_clips_sensor
 
 from .test_cache import BAD, data_config
@@ -84,6 +86,13 @@ def test_graph_materializes_good_clips_and_names_bad_ones(instance, project) -> 
     assert meta["train_clips"].value + meta["val_clips"].value == 10
     rows = meta["buckets"].value.records
     assert sum(r.data["clips"] for r in rows) == 10
+    # The data version Dagster tracks is the identity a checkpoint resumes on: one identity.
+    mat = index.asset_materializations_for_node("latent_cache")[0]
+    parts = build_parts(project.job(), project.root().cache, torch.device("cpu"))
+    assert mat.tags["dagster/data_version"] == parts.index_hash == parts.stream.index.identity()
+    parts.files.root.mkdir(parents=True, exist_ok=True)
+    save_checkpoint(parts, TrainState(run_id="t"))
+    assert torch.load(parts.files.state(0), weights_only=False)["index_hash"] == parts.index_hash
 
     # Nothing changed: the re-run encodes nothing and keeps every data version.
     key = "circle_right.mp4"

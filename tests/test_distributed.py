@@ -12,7 +12,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from wan_assets.core.metrics_log import read_lines
+from wan_assets.core.train.metrics_log import read_lines
 
 from .conftest import tiny_job_raw
 

@@ -1,4 +1,4 @@
-"""Faults lose nothing and stop nothing (DESIGN 5.1, issue 14): kills at any point, a second trainer,
+"""Faults lose nothing and stop nothing (docs/architecture.md §5.1, issue 14): kills at any point, a second trainer,
 a corrupt checkpoint, a full disk, a partial cache, file modes, readers of the metrics database."""
 
 from __future__ import annotations
@@ -22,13 +22,13 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from wan_assets.core.cache import EncoderHandle, cache_dataset, index_path
 from wan_assets.core.config import parse_config
+from wan_assets.core.data.cache import EncoderHandle, cache_dataset, index_path
 from wan_assets.core.errors import DiskFullError, TrainingError
 from wan_assets.core.files import is_temp_name, write_json, write_safetensors, write_text
-from wan_assets.core.metrics_log import read_lines
-from wan_assets.core.run_files import LOCK_NAME, RunFiles, claim, load_state, save_state
-from wan_assets.core.train import train
+from wan_assets.core.train.loop import train
+from wan_assets.core.train.metrics_log import read_lines
+from wan_assets.core.train.run_files import LOCK_NAME, RunFiles, claim, load_state, save_state
 
 from .conftest import tiny_job_raw
 from .test_train import job_raw, lora_tensors, losses, run_cli
@@ -329,7 +329,7 @@ if kind == "file":
 
     os.replace = replace
 else:
-    from wan_assets.core import metrics_log
+    from wan_assets.core.train import metrics_log
 
     real_write = metrics_log.MetricsLog.write
 

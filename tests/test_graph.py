@@ -21,7 +21,7 @@ from PIL import Image
 
 from resources.project import WanProjectResource
 from wan_assets.assets.training import evaluated_checkpoints
-from wan_assets.core.metrics_report import query
+from wan_assets.core.metrics.report import query
 from wan_assets.definitions import ASSETS, resources
 from wan_assets.demo import sync_partitions
 

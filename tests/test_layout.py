@@ -51,6 +51,74 @@ def test_importing_all_of_core_loads_no_dagster() -> None:
     assert len(modules) >= 3
 
 
+# The stages of wan_assets/core, in the order they build on each other: a module may import from its
+# own stage or an earlier one, never a later one, so each stage can be read (and tested) without
+# the ones after it. "" is the base layer: the modules directly in wan_assets/core/.
+STAGES = ("", "model", "speed", "data", "train", "eval", "metrics")
+# The only backwards imports allowed, each lazy (inside a function) and each with its reason.
+ALLOWED_BACKWARDS = {
+    # `workdir` sets up a demo workdir: it writes the synthetic clips and the tiny model on request.
+    ("workdir", "data.synthetic"): "demo workdir writes synthetic clips",
+    ("workdir", "model.tiny"): "demo workdir writes the tiny model",
+}
+
+
+def _stage(module: str) -> str:
+    """'wan_assets.core.train.loop' -> 'train'; 'wan_assets.core.config' -> ''."""
+    parts = module.split(".")[2:]
+    return parts[0] if len(parts) > 1 else ""
+
+
+def _core_imports(path: Path) -> set[str]:
+    """The wan_assets.core modules `path` imports anywhere (function bodies and TYPE_CHECKING too)."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names if a.name.startswith("wan_assets.core."))
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            if node.module.startswith("wan_assets.core."):
+                found.add(node.module)
+            elif node.module in ("wan_assets.core", *(f"wan_assets.core.{s}" for s in STAGES if s)):
+                found.update(f"{node.module}.{a.name}" for a in node.names)  # from pkg import module
+    return found
+
+
+def _backwards_imports() -> dict[str, list[str]]:
+    offenders = {}
+    for path in sorted(CORE.rglob("*.py")):
+        rel = path.relative_to(CORE).with_suffix("")
+        module = "wan_assets.core." + ".".join(rel.parts)
+        own = STAGES.index(_stage(module))
+        bad = []
+        for imported in sorted(_core_imports(path)):
+            stage = _stage(imported)
+            assert stage in STAGES, f"{module} imports {imported}: not in a known stage {STAGES}"
+            short = (".".join(rel.parts), imported.removeprefix("wan_assets.core."))
+            if STAGES.index(stage) > own and short not in ALLOWED_BACKWARDS:
+                bad.append(imported)
+        if bad:
+            offenders[module] = bad
+    return offenders
+
+
+def test_core_stages_import_only_earlier_stages() -> None:
+    offenders = _backwards_imports()
+    assert not offenders, f"a core module imports from a later stage (order {STAGES}): {offenders}"
+
+
+def test_layering_check_sees_a_backwards_import(tmp_path: Path, monkeypatch) -> None:
+    # The rule above must be able to fail: plant a model module that imports the training loop.
+    import shutil
+
+    fake_core = tmp_path / "core"
+    shutil.copytree(CORE, fake_core, ignore=shutil.ignore_patterns("__pycache__"))
+    planted = fake_core / "model" / "planted.py"
+    planted.write_text("def f():\n    from wan_assets.core.train.loop import train\n")
+    monkeypatch.setattr(sys.modules[__name__], "CORE", fake_core)
+    assert _backwards_imports() == {"wan_assets.core.model.planted": ["wan_assets.core.train.loop"]}
+
+
 def test_ruff_lint_and_format_pass() -> None:
     ruff = Path(sys.executable).with_name("ruff")
     for args in (["check", "."], ["format", "--check", "."]):

@@ -12,7 +12,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from wan_assets.core.config import NetworkConfig, NetworkKwargs
-from wan_assets.core.lora import (
+from wan_assets.core.model.loading import WanComponents, load_wan_model
+from wan_assets.core.model.lora import (
     COMFY_NAMES,
     TARGET_SUFFIXES,
     adapter_parameters,
@@ -25,8 +26,7 @@ from wan_assets.core.lora import (
     select_modules,
     set_lora_scale,
 )
-from wan_assets.core.model import WanComponents, load_wan_model
-from wan_assets.core.tiny_model import TINY_TRANSFORMER
+from wan_assets.core.model.tiny import TINY_TRANSFORMER
 
 RANK, ALPHA = 4, 3.0  # scale 0.75: a scale of 1.0 would hide a dropped or ignored alpha
 NUM_LAYERS = TINY_TRANSFORMER["num_layers"]

@@ -17,12 +17,18 @@ import duckdb
 import pytest
 import yaml
 
-from wan_assets.core.cache import EncoderHandle, cache_dataset
 from wan_assets.core.config import parse_config
-from wan_assets.core.metrics_db import DatabaseBusy, MetricsDbError, ingest_evaluations, ingest_run, load_run
-from wan_assets.core.metrics_log import METRIC_FIELDS, read_lines, truncate
-from wan_assets.core.metrics_report import format_table, query, summary
-from wan_assets.core.train import TrainResult, train
+from wan_assets.core.data.cache import EncoderHandle, cache_dataset
+from wan_assets.core.metrics.database import (
+    DatabaseBusy,
+    MetricsDbError,
+    ingest_evaluations,
+    ingest_run,
+    load_run,
+)
+from wan_assets.core.metrics.report import format_table, query, summary
+from wan_assets.core.train.loop import TrainResult, train
+from wan_assets.core.train.metrics_log import METRIC_FIELDS, read_lines, truncate
 
 from .conftest import CONFIGS, REPO
 
@@ -69,7 +75,7 @@ time.sleep(60)
 INGEST = """
 import sys
 from pathlib import Path
-from wan_assets.core.metrics_db import ingest_run
+from wan_assets.core.metrics.database import ingest_run
 for _ in range(3):
     ingest_run(Path(sys.argv[1]), Path(sys.argv[2]), run_id=sys.argv[3])
 """
@@ -78,7 +84,7 @@ for _ in range(3):
 POLLER = """
 import sys
 from pathlib import Path
-from wan_assets.core.metrics_report import query
+from wan_assets.core.metrics.report import query
 seen, n = set(), 0
 while not Path(sys.argv[2]).exists():
     seen.add(query(Path(sys.argv[1]), "SELECT count(*) FROM metrics", timeout_s=30)[1][0][0])

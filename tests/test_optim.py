@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from wan_assets.core.config import ConfigError, OptimizerParams, TrainConfig
-from wan_assets.core.optim import (
+from wan_assets.core.train.optim import (
     Automagic,
     GradientStability,
     build_optimizer,

@@ -1,4 +1,4 @@
-"""Speed and memory options (DESIGN 10) on CPU: each one gives the plain path's loss and gradients, or
+"""Speed and memory options (docs/architecture.md §10) on CPU: each one gives the plain path's loss and gradients, or
 fails with one clear message when this device cannot run it."""
 
 from __future__ import annotations
@@ -11,14 +11,15 @@ import pytest
 import torch
 from diffusers import WanTransformer3DModel
 
-from wan_assets.core import block_parts, offload, perf
 from wan_assets.core.config import ModelConfig, NetworkConfig, TrainConfig, parse_config
-from wan_assets.core.lora import FusedLoraLinear, add_lora, fuse_lora_linears
-from wan_assets.core.memory_plan import GIB, MatmulPlanner
-from wan_assets.core.metrics_log import read_lines
-from wan_assets.core.quantize import Float8FrozenLinear
-from wan_assets.core.tiny_model import TINY_TRANSFORMER
-from wan_assets.core.train import train
+from wan_assets.core.model.lora import FusedLoraLinear, add_lora, fuse_lora_linears
+from wan_assets.core.model.quantize import Float8FrozenLinear
+from wan_assets.core.model.tiny import TINY_TRANSFORMER
+from wan_assets.core.speed import block_parts, offload
+from wan_assets.core.speed import options as speed_options
+from wan_assets.core.speed.memory_plan import GIB, MatmulPlanner
+from wan_assets.core.train.loop import train
+from wan_assets.core.train.metrics_log import read_lines
 
 from .conftest import tiny_job_raw
 
@@ -61,7 +62,7 @@ def run(
     for p in params:
         p.data = p.data.float()
     if setup:
-        perf.apply_training_options(model, TrainConfig(**options), model_cfg, CPU)
+        speed_options.apply_training_options(model, TrainConfig(**options), model_cfg, CPU)
     model.train()
     batch = inputs(dtype)
     target = torch.randn(1, 16, 3, 8, 8, generator=torch.Generator().manual_seed(4))
@@ -95,17 +96,19 @@ def test_selective_policy_keeps_self_attention_only() -> None:
         torch.utils.checkpoint.CheckpointPolicy.PREFER_RECOMPUTE,
     )
     sdpa = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default
-    assert perf._save_attention(None, sdpa, q, q, q) == keep
-    assert perf._save_attention(None, sdpa, q, torch.zeros(1, 2, 16, 8), q) == redo  # cross-attention
-    assert perf._save_attention(None, torch.ops.aten.mm.default, q, q) == redo
-    assert perf._save_attention_and_matmuls(None, torch.ops.aten.mm.default, q, q) == keep
-    assert perf._save_attention_and_matmuls(None, sdpa, q, torch.zeros(1, 2, 16, 8), q) == keep
-    assert perf._save_attention_and_matmuls(None, torch.ops.aten.mul.Tensor, q, q) == redo
+    assert speed_options._save_attention(None, sdpa, q, q, q) == keep
+    assert (
+        speed_options._save_attention(None, sdpa, q, torch.zeros(1, 2, 16, 8), q) == redo
+    )  # cross-attention
+    assert speed_options._save_attention(None, torch.ops.aten.mm.default, q, q) == redo
+    assert speed_options._save_attention_and_matmuls(None, torch.ops.aten.mm.default, q, q) == keep
+    assert speed_options._save_attention_and_matmuls(None, sdpa, q, torch.zeros(1, 2, 16, 8), q) == keep
+    assert speed_options._save_attention_and_matmuls(None, torch.ops.aten.mul.Tensor, q, q) == redo
 
 
 def test_compiled_blocks_match_eager(expert: WanTransformer3DModel, monkeypatch: pytest.MonkeyPatch) -> None:
     # aot_eager: dynamo capture, checkpoint HOP and AOT partitioning as inductor sees them, no codegen.
-    monkeypatch.setattr(perf, "COMPILE_BACKEND", "aot_eager")
+    monkeypatch.setattr(speed_options, "COMPILE_BACKEND", "aot_eager")
     torch._dynamo.reset()
     plain = run(expert, gradient_checkpointing=False)
     assert_same(run(expert, gradient_checkpointing="selective", compile=True), plain, exact=False)
@@ -115,7 +118,7 @@ def test_compiled_blocks_match_eager(expert: WanTransformer3DModel, monkeypatch:
 def test_compiled_offloaded_halves_match_eager(
     expert: WanTransformer3DModel, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(perf, "COMPILE_BACKEND", "aot_eager")
+    monkeypatch.setattr(speed_options, "COMPILE_BACKEND", "aot_eager")
     torch._dynamo.reset()
     plain = run(expert, gradient_checkpointing=False)
     offloaded = run(expert, gradient_checkpointing=True, activation_offload=True, compile=True)
@@ -146,7 +149,7 @@ def test_block_halves_equal_the_block(expert: WanTransformer3DModel) -> None:
 
 def test_offload_stores_the_input_of_each_block_half(expert: WanTransformer3DModel) -> None:
     model = copy.deepcopy(expert)
-    perf.apply_training_options(
+    speed_options.apply_training_options(
         model, TrainConfig(gradient_checkpointing=True, activation_offload=True), MODEL, CPU
     )
     model.train()
@@ -251,16 +254,16 @@ def test_options_this_device_cannot_run_fail_clearly(
     expert: WanTransformer3DModel, options: dict, model_cfg: ModelConfig, message: str
 ) -> None:
     with pytest.raises(ValueError, match=re.escape(message)):
-        perf.apply_training_options(copy.deepcopy(expert), TrainConfig(**options), model_cfg, CPU)
+        speed_options.apply_training_options(copy.deepcopy(expert), TrainConfig(**options), model_cfg, CPU)
 
 
 def test_compile_without_a_compiler_fails_clearly(
     expert: WanTransformer3DModel, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(perf.shutil, "which", lambda _name: None)
+    monkeypatch.setattr(speed_options.shutil, "which", lambda _name: None)
     monkeypatch.delenv("CXX", raising=False)
     with pytest.raises(ValueError, match=re.escape("train.compile on CPU needs a C++ compiler")):
-        perf.apply_training_options(copy.deepcopy(expert), TrainConfig(compile=True), MODEL, CPU)
+        speed_options.apply_training_options(copy.deepcopy(expert), TrainConfig(compile=True), MODEL, CPU)
 
 
 def test_training_step_with_options_logs_the_plain_losses(

@@ -13,11 +13,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from wan_assets.core import perf
 from wan_assets.core.config import parse_config
-from wan_assets.core.metrics_log import read_lines
-from wan_assets.core.train import train
-from wan_assets.core.video_io import probe_video, read_frames
+from wan_assets.core.data.video_io import probe_video, read_frames
+from wan_assets.core.speed import options as speed_options
+from wan_assets.core.train.loop import train
+from wan_assets.core.train.metrics_log import read_lines
 
 from .conftest import tiny_job_raw
 
@@ -72,7 +72,7 @@ def loras(run_dir: Path) -> dict[str, torch.Tensor]:
 def test_bf16_run_with_samples_writes_samples_and_final_loras(
     mode: str, tmp_path: Path, tiny_cache: Path, clips_dir: Path, tiny_model_dir: Path, monkeypatch
 ) -> None:
-    monkeypatch.setattr(perf, "COMPILE_BACKEND", "aot_eager")  # the same graph capture, no C++ build
+    monkeypatch.setattr(speed_options, "COMPILE_BACKEND", "aot_eager")  # the same graph capture, no C++ build
     raw = run_raw(clips_dir, tiny_model_dir, tmp_path, dtype="bf16", sample_every=3, steps=6, **MODES[mode])
     job = parse_config(raw, workdir=tiny_cache).job
     result = train(job, tiny_cache / "cache")

@@ -9,7 +9,7 @@ import av
 import numpy as np
 import pytest
 
-from wan_assets.core.synthetic import (
+from wan_assets.core.data.synthetic import (
     BAD_CAPTION_BYTES,
     BAD_INPUT_KINDS,
     SAMPLE_CLIPS,
@@ -19,7 +19,7 @@ from wan_assets.core.synthetic import (
     write_bad_inputs,
     write_sample_videos,
 )
-from wan_assets.core.video_io import CLIP_EXTENSIONS, VideoError, probe_video, read_frames, write_video
+from wan_assets.core.data.video_io import CLIP_EXTENSIONS, VideoError, probe_video, read_frames, write_video
 
 # Mean absolute error per pixel between drawn and decoded frames: H.264 at crf 18 plus the RGB ->
 # yuv420p round trip (chroma halved at shape edges) stays near 2; one frame of motion costs more.

@@ -20,8 +20,8 @@ from wan_assets.core.experts import (
     expert_for_timestep,
     timestep_window,
 )
-from wan_assets.core.model import WanComponents, load_wan_model
-from wan_assets.core.tiny_model import MARKER_FILE, TINY_TRANSFORMER, build_tiny_model
+from wan_assets.core.model.loading import WanComponents, load_wan_model
+from wan_assets.core.model.tiny import MARKER_FILE, TINY_TRANSFORMER, build_tiny_model
 
 SUBFOLDERS = ("transformer", "transformer_2", "vae", "text_encoder", "tokenizer", "scheduler")
 HEIGHT = WIDTH = 64  # multiple of 16 = VAE 8x * patch 2

@@ -11,21 +11,21 @@ import sys
 import time
 from pathlib import Path
 
-import PIL.Image
 import pytest
 import torch
 import yaml
 from diffusers import WanImageToVideoPipeline
+from PIL import Image
 from safetensors.torch import load_file
 
 from wan_assets.core.config import parse_config
 from wan_assets.core.errors import TrainingError
-from wan_assets.core.evaluate import validation_loss
+from wan_assets.core.eval.validation import validation_loss
 from wan_assets.core.experts import timestep_window
-from wan_assets.core.lora import lora_scale, set_lora_scale
-from wan_assets.core.metrics_log import read_lines
-from wan_assets.core.run_files import RunFiles
-from wan_assets.core.train import TrainState, build_parts, save_final, train, train_step
+from wan_assets.core.model.lora import lora_scale, set_lora_scale
+from wan_assets.core.train.loop import TrainState, build_parts, save_final, train, train_step
+from wan_assets.core.train.metrics_log import read_lines
+from wan_assets.core.train.run_files import RunFiles
 
 from .conftest import CONFIGS, tiny_job_raw
 
@@ -244,13 +244,13 @@ def test_nonfinite_loss_skips_and_oom_gives_up(
     assert all(torch.equal(a, b) for a, b in zip(params_before, parts.params["high_noise"], strict=True))
     monkeypatch.setattr(parts.stream, "batch", real_batch)
 
-    import wan_assets.core.train as train_module
+    import wan_assets.core.train.loop as train_module
 
     def oom(*args, **kwargs):
         raise torch.OutOfMemoryError("simulated")
 
     monkeypatch.setattr(train_module, "forward_loss", oom)
-    with caplog.at_level("WARNING", logger="wan_assets.core.train"):
+    with caplog.at_level("WARNING", logger="wan_assets.core.train.loop"):
         assert train_step(parts, state, 1).skipped == "oom"
     assert "step 1 (high_noise, bucket " in caplog.text and "simulated" in caplog.text  # what, where
     assert train_step(parts, state, 2).skipped == "oom"
@@ -278,14 +278,13 @@ def test_seed_example_config_trains_on_the_tiny_model(
     process["train"].update(steps=4, attention_backend="sdpa", dtype="fp32")
     process["save"]["save_every"] = 2
     process["sample"].update(width=64, height=64, num_frames=5, sample_steps=2, sample_every=4)
-    # The seed samples from its own first frame (ctrl_img: first_frame.png, beside the workdir's
-    # folders); a missing one is an error now, not a silent fallback, so the test brings one.
+    # The seed's ctrl_img is a file next to the workdir; a missing one is an error (sampling.py).
     first_frame = tmp_path / "first_frame.png"
-    PIL.Image.new("RGB", (64, 64), (200, 40, 40)).save(first_frame)
+    Image.new("RGB", (64, 64), (90, 120, 200)).save(first_frame)
     process["sample"]["samples"][0]["ctrl_img"] = str(first_frame)
     process["network"]["linear"] = 4
     job = parse_config(raw, workdir=tiny_cache).job
-    from wan_assets.core.cache import EncoderHandle, cache_dataset
+    from wan_assets.core.data.cache import EncoderHandle, cache_dataset
 
     cache = tmp_path / "cache"
     assert not cache_dataset(job, cache, EncoderHandle(str(tiny_model_dir))).failures

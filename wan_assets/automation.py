@@ -1,15 +1,17 @@
-"""Automation (DESIGN 4, 11): new clips flow through on their own, training follows the data nightly.
+"""Automation (docs/architecture.md §4, §11): new clips flow through on their own, training follows the data nightly.
 
 - the new-clip sensor adds partitions and runs each new or changed clip's per-clip assets;
 - captions/latents re-run when their upstream changes (eager), the latent index follows its clips;
 - the LoRAs retrain when the latent cache changed, on a cron tick (WAN_ASSETS_RETRAIN_CRON,
   default 02:00 nightly), or whenever materialized by hand;
 - evaluation runs after training (eager) and on its own schedule (WAN_ASSETS_EVAL_CRON).
+
+The crons are deployment settings: definitions.py reads them once and builds the retraining condition
+and the evaluation schedule from them here.
 """
 
-import os
-
 from dagster import (
+    AssetsDefinition,
     AssetSelection,
     AutomationCondition,
     AutomationConditionSensorDefinition,
@@ -19,21 +21,14 @@ from dagster import (
     define_asset_job,
 )
 
-RETRAIN_CRON = os.environ.get("WAN_ASSETS_RETRAIN_CRON", "0 2 * * *")
-EVAL_CRON = os.environ.get("WAN_ASSETS_EVAL_CRON", "0 6 * * *")
+DEFAULT_RETRAIN_CRON = "0 2 * * *"
+DEFAULT_EVAL_CRON = "0 6 * * *"
 
 # Per-clip assets downstream of raw_videos re-run when their upstream changes.
 PER_CLIP = AutomationCondition.eager()
 # The index follows its clips, also when some clips failed (eager() would wait on missing ones).
 INDEX = (
     AutomationCondition.any_deps_updated().since_last_handled()
-    & ~AutomationCondition.any_deps_in_progress()
-    & ~AutomationCondition.in_progress()
-)
-# At each cron tick, retrain if the latent cache changed since this asset was last handled.
-RETRAIN = (
-    AutomationCondition.cron_tick_passed(RETRAIN_CRON)
-    & AutomationCondition.any_deps_updated().since_last_handled()
     & ~AutomationCondition.any_deps_in_progress()
     & ~AutomationCondition.in_progress()
 )
@@ -52,9 +47,27 @@ train_and_evaluate = define_asset_job(
     description="Train both experts from the current latent cache, evaluate, load the metrics",
 )
 
-evaluation_schedule = ScheduleDefinition(
-    name="evaluate_checkpoints",
-    target=AssetSelection.assets("evaluated_checkpoints"),
-    cron_schedule=EVAL_CRON,
-    default_status=DefaultScheduleStatus.RUNNING,
-)
+
+def retrain_condition(cron: str) -> AutomationCondition:
+    """At each tick of `cron`, retrain if the latent cache changed since this asset was last handled."""
+    return (
+        AutomationCondition.cron_tick_passed(cron)
+        & AutomationCondition.any_deps_updated().since_last_handled()
+        & ~AutomationCondition.any_deps_in_progress()
+        & ~AutomationCondition.in_progress()
+    )
+
+
+def retrain_on_cron(training: AssetsDefinition, cron: str) -> AssetsDefinition:
+    """The training assets with the retraining condition of `cron` on each of their LoRAs."""
+    condition = retrain_condition(cron)
+    return training.map_asset_specs(lambda spec: spec.replace_attributes(automation_condition=condition))
+
+
+def evaluation_schedule(cron: str) -> ScheduleDefinition:
+    return ScheduleDefinition(
+        name="evaluate_checkpoints",
+        target=AssetSelection.assets("evaluated_checkpoints"),
+        cron_schedule=cron,
+        default_status=DefaultScheduleStatus.RUNNING,
+    )

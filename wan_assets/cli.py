@@ -1,4 +1,4 @@
-"""`wan-assets`: the command line (DESIGN 8). Each command is a thin call into `wan_assets.core`."""
+"""`wan-assets`: the command line (docs/architecture.md §8). Each command is a thin call into `wan_assets.core`."""
 
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ def _load(
     args: argparse.Namespace, checks: Callable[..., list[str]] | None = None, *, build_model: bool = True
 ) -> tuple[Workdir, JobConfig]:
     """The workdir and the job once every check (`preflight` unless told otherwise) has passed."""
-    from wan_assets.core.preflight import preflight
+    from wan_assets.core.train.preflight import preflight
 
     workdir = Workdir.open(args.workdir)
     workdir.ensure_default_clips(args.config)
@@ -55,7 +55,7 @@ def _load(
 
 
 def cmd_cache(args: argparse.Namespace) -> int:
-    from wan_assets.core.cache import EncoderHandle, cache_dataset
+    from wan_assets.core.data.cache import EncoderHandle, cache_dataset
     from wan_assets.core.progress import progress
 
     workdir, job = _load(args)
@@ -81,8 +81,8 @@ def cmd_cache(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from wan_assets.core.distributed import init_from_env, shutdown
-    from wan_assets.core.train import train
+    from wan_assets.core.train.distributed import init_from_env, shutdown
+    from wan_assets.core.train.loop import train
 
     workdir, job = _load(args)
     if args.experts is not None:
@@ -104,7 +104,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     finally:
         shutdown(dist)
     if dist.is_main:
-        from wan_assets.core.metrics_db import load_run
+        from wan_assets.core.metrics.database import load_run
 
         # The run goes into the metrics database as the training_metrics asset loads it, so SQL
         # works right after a CLI-only training.
@@ -119,7 +119,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_sql(args: argparse.Namespace) -> int:
-    from wan_assets.core.metrics_report import format_table, query
+    from wan_assets.core.metrics.report import format_table, query
 
     columns, rows = query(Workdir.open(args.workdir).database, args.query)
     print(format_table(columns, rows))
@@ -128,8 +128,8 @@ def cmd_sql(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from wan_assets.core.evaluation import evaluate_run
-    from wan_assets.core.preflight import model_problems
+    from wan_assets.core.eval.checkpoints import evaluate_run
+    from wan_assets.core.train.preflight import model_problems
 
     workdir, job = _load(args, checks=model_problems)  # scores cached clips, trains nothing
     report = evaluate_run(job, workdir.cache)
@@ -156,7 +156,7 @@ def cmd_ui(args: argparse.Namespace) -> int:
 
 
 def cmd_tiny_model(args: argparse.Namespace) -> int:
-    from wan_assets.core.tiny_model import build_tiny_model
+    from wan_assets.core.model.tiny import build_tiny_model
 
     out = build_tiny_model(Path(args.dir), seed=args.seed)
     print(f"tiny Wan 2.2 I2V model written to {out}")
@@ -164,7 +164,7 @@ def cmd_tiny_model(args: argparse.Namespace) -> int:
 
 
 def cmd_sample_videos(args: argparse.Namespace) -> int:
-    from wan_assets.core.synthetic import write_sample_videos
+    from wan_assets.core.data.synthetic import write_sample_videos
 
     clips = write_sample_videos(Path(args.dir), seed=args.seed)
     print(f"{len(clips)} synthetic clips with captions written to {args.dir}")
@@ -182,7 +182,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"latent cache: {Path(out['workdir']) / 'cache'}")
     print(f"run:          {job.run_dir()}")
     print(f"metrics:      {Path(out['workdir']) / 'metrics.duckdb'}")
-    from wan_assets.core.metrics_report import summary
+    from wan_assets.core.metrics.report import summary
 
     print("\n" + summary(Path(out["workdir"]) / "metrics.duckdb"))
     for key, reason in out["failed_clips"].items():

@@ -8,6 +8,7 @@ from dagster import (
     AddDynamicPartitionsRequest,
     DagsterInstance,
     DeleteDynamicPartitionsRequest,
+    SensorResult,
     build_sensor_context,
     materialize,
 )
@@ -22,13 +23,14 @@ def sync_partitions(instance: DagsterInstance, project: WanProjectResource) -> l
 
     context = build_sensor_context(instance=instance, resources={"project": project})
     result = new_clips_sensor(context)
-    for request in result.dynamic_partitions_requests:
+    assert isinstance(result, SensorResult), "the sensor returns one SensorResult"
+    for request in result.dynamic_partitions_requests or ():
         if isinstance(request, AddDynamicPartitionsRequest):
             instance.add_dynamic_partitions(request.partitions_def_name, list(request.partition_keys))
         elif isinstance(request, DeleteDynamicPartitionsRequest):
             for key in request.partition_keys:
                 instance.delete_dynamic_partition(request.partitions_def_name, key)
-    return [r.partition_key for r in result.run_requests]
+    return [r.partition_key for r in result.run_requests or () if r.partition_key is not None]
 
 
 def run_demo(workdir: Path | None = None, config: Path = TINY_CONFIG) -> dict:

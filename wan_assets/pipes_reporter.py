@@ -18,10 +18,10 @@ from pathlib import Path
 
 from dagster_pipes import PipesContext, open_dagster_pipes
 
-from wan_assets.core.alpha_schedule import Transition
 from wan_assets.core.config import JobConfig
-from wan_assets.core.reporting import describe_transition
-from wan_assets.core.run_summary import RunSummary, summarize
+from wan_assets.core.metrics.summary import RunSummary, summarize
+from wan_assets.core.train.alpha_schedule import Transition
+from wan_assets.core.train.reporting import describe_transition
 
 PROGRESS_FIELDS = (
     "step",

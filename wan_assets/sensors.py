@@ -19,8 +19,8 @@ from dagster import (
 )
 
 from resources.project import WanProjectResource
-from wan_assets.assets.data import videos
-from wan_assets.core.captions import caption_path
+from wan_assets.assets.data import VIDEOS
+from wan_assets.core.data.captions import caption_path
 
 PER_CLIP_ASSETS = [AssetKey("raw_videos"), AssetKey("captions"), AssetKey("latents")]
 
@@ -46,7 +46,7 @@ def new_clips_sensor(context: SensorEvaluationContext, project: WanProjectResour
         s.key: _stamp(s.path, caption_path(s.path, job.process.datasets[s.dataset_index].caption_ext))
         for s in project.clips()
     }
-    known = set(context.instance.get_dynamic_partitions(videos.name))
+    known = set(context.instance.get_dynamic_partitions(VIDEOS))
     added = sorted(set(current) - known)
     removed = sorted(known - set(current))
     changed = sorted(k for k in current if k in known and previous.get(k) not in (None, current[k]))
@@ -54,11 +54,11 @@ def new_clips_sensor(context: SensorEvaluationContext, project: WanProjectResour
         RunRequest(run_key=f"{key}:{':'.join(map(str, current[key]))}", partition_key=key)
         for key in [*added, *changed]
     ]
-    partition_requests = []
+    partition_requests: list[AddDynamicPartitionsRequest | DeleteDynamicPartitionsRequest] = []
     if added:
-        partition_requests.append(AddDynamicPartitionsRequest(videos.name, added))
+        partition_requests.append(AddDynamicPartitionsRequest(VIDEOS, added))
     if removed:
-        partition_requests.append(DeleteDynamicPartitionsRequest(videos.name, removed))
+        partition_requests.append(DeleteDynamicPartitionsRequest(VIDEOS, removed))
     if added or removed or changed:
         context.log.info(f"clips: {len(added)} new, {len(changed)} changed, {len(removed)} removed")
     return SensorResult(

@@ -1,4 +1,4 @@
-"""`wan-assets ui` (DESIGN 8, 11): the Dagster UI and daemon over one workdir, behind WAN_ASSETS_AUTH.
+"""`wan-assets ui` (docs/architecture.md §8, §11): the Dagster UI and daemon over one workdir, behind WAN_ASSETS_AUTH.
 
 The webserver runs in this process so that `TokenAuth` wraps Dagster's own ASGI app; the daemon
 (sensors, automation, run monitoring) runs as a child in its own process group, so that stopping it

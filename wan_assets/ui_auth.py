@@ -1,4 +1,4 @@
-"""Token auth in front of the Dagster UI (DESIGN 8, like the seed's AI_TOOLKIT_AUTH).
+"""Token auth in front of the Dagster UI (docs/architecture.md §8, like the seed's AI_TOOLKIT_AUTH).
 
 Pure ASGI rather than a Starlette `BaseHTTPMiddleware`, because the UI's GraphQL subscriptions
 arrive as websockets and those must be refused too. A request passes with `Authorization: Bearer

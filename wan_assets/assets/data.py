@@ -1,6 +1,6 @@
-"""Data assets (DESIGN 4): raw_videos -> captions -> latents (one partition per clip) -> latent_cache.
+"""Data assets (docs/architecture.md §4): raw_videos -> captions -> latents (one partition per clip) -> latent_cache.
 
-Each body is one call into `wan_assets.core.cache` plus metadata. A bad clip fails its own partition
+Each body is one call into `wan_assets.core.data.cache` plus metadata. A bad clip fails its own partition
 with a message naming the file and the reason; every other clip goes on.
 """
 
@@ -24,7 +24,7 @@ from dagster import (
 
 from resources.project import WanProjectResource
 from wan_assets.automation import INDEX, PER_CLIP
-from wan_assets.core.cache import (
+from wan_assets.core.data.cache import (
     CLIP_ERRORS,
     ClipProbe,
     ClipRecord,
@@ -33,10 +33,10 @@ from wan_assets.core.cache import (
     encode_clip,
     probe_clip,
 )
-from wan_assets.core.latents import content_key
 from wan_assets.metadata import table_metadata
 
-videos = DynamicPartitionsDefinition(name="videos")
+VIDEOS = "videos"  # the clip partitions' name
+videos = DynamicPartitionsDefinition(name=VIDEOS)
 
 
 def _clip_failure(context: AssetExecutionContext, exc: Exception) -> Failure:
@@ -161,11 +161,10 @@ def latent_cache(
     records = [ClipRecord.from_json(r) for r in latents.values()]
     index = build_index(job, records, project.root().cache)
     rows = index.table()
-    version = content_key(**{k: r.data_version for k, r in index.clips.items()}, splits=index.splits)
     context.log.info(f"latent index of {len(records)} clips in {len(rows)} bucket/split groups")
     return Output(
         {"index": str(project.root().cache / "index" / f"{job.name}.json"), "clips": len(records)},
-        data_version=DataVersion(version),
+        data_version=DataVersion(index.identity()),
         metadata={
             "clips": len(records),
             "train_clips": sum(1 for s in index.splits.values() if s == "train"),

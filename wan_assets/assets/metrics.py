@@ -1,13 +1,13 @@
-"""training_metrics (DESIGN 7): every JSONL field, transition, checkpoint and evaluation in DuckDB."""
+"""training_metrics (docs/architecture.md §7): every JSONL field, transition, checkpoint and evaluation in DuckDB."""
 
 from dagster import AssetExecutionContext, MaterializeResult, MetadataValue, asset
 
 from resources.project import WanProjectResource
 from wan_assets.assets.training import LORA_KEYS, evaluated_checkpoints
 from wan_assets.automation import EVALUATE
-from wan_assets.core.metrics_db import load_run
-from wan_assets.core.metrics_report import query, summary
-from wan_assets.core.run_files import RunFiles
+from wan_assets.core.metrics.database import load_run
+from wan_assets.core.metrics.report import query, summary
+from wan_assets.core.train.run_files import RunFiles
 from wan_assets.metadata import table_metadata
 
 

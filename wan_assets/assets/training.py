@@ -1,4 +1,4 @@
-"""Training assets (DESIGN 5, 6): the two experts' LoRAs from one run, and their evaluation.
+"""Training assets (docs/architecture.md §5, §6): the two experts' LoRAs from one run, and their evaluation.
 
 `lora_high_noise` / `lora_low_noise` are one multi-asset: select both for one alternating run, or one
 for a run of that expert only. It launches `wan-assets train` through Dagster Pipes; progress and
@@ -6,6 +6,7 @@ alpha-phase transitions arrive as asset observations while it runs.
 """
 
 import math
+from typing import Any
 
 from dagster import (
     AssetCheckResult,
@@ -24,11 +25,11 @@ from dagster import (
 from resources.launcher import TrainingLauncher
 from resources.project import WanProjectResource
 from wan_assets.assets.data import latent_cache
-from wan_assets.automation import EVALUATE, RETRAIN
+from wan_assets.automation import EVALUATE
 from wan_assets.core.config import with_experts
 from wan_assets.core.experts import EXPERTS
-from wan_assets.core.run_files import RunFiles
-from wan_assets.core.run_summary import summarize
+from wan_assets.core.metrics.summary import summarize
+from wan_assets.core.train.run_files import RunFiles
 from wan_assets.metadata import table_metadata
 from wan_assets.pipes_reporter import asset_key
 
@@ -54,7 +55,6 @@ def _observation(message: dict) -> AssetObservation | None:
             LORA_KEYS[expert],
             deps=[latent_cache],
             group_name="training",
-            automation_condition=RETRAIN,
             description=f"The {expert.replace('_', '-')} expert's LoRA ({'transformer/' if expert == 'high_noise' else 'transformer_2/'}), "
             "trained from the latent cache with the alpha schedule; ComfyUI / diffusers keys.",
             skippable=True,
@@ -117,14 +117,14 @@ def evaluated_checkpoints(context: AssetExecutionContext, project: WanProjectRes
     """Held-out validation loss per expert at fixed timestep quantiles and noise seeds for the base
     model (step 0) and every kept checkpoint, sample videos from held-out first frames, a contact sheet,
     and the best checkpoint."""
-    from wan_assets.core.evaluation import evaluate_run
+    from wan_assets.core.eval.checkpoints import evaluate_run
 
     job = project.job()
     project.root().ensure_model(job.process.model.name_or_path)
     report = evaluate_run(job, project.root().cache, device=project.torch_device())
     means = report.mean_by_step()
     best = report.best_step
-    metadata = {
+    metadata: dict[str, Any] = {
         "checkpoints": table_metadata(report.table()),
         "best_step": best,
         "best_val_loss": means[best],

@@ -19,7 +19,7 @@ from typing import Any, ClassVar, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from wan_assets.core.experts import EXPERTS
+from wan_assets.core.experts import EXPERTS, Expert
 
 
 class ConfigError(ValueError):
@@ -114,7 +114,7 @@ class AlphaScheduleConfig(_Model):
                 )
         return self
 
-    def phases_for(self, expert: str) -> list[tuple[str, PhaseConfig]]:
+    def phases_for(self, expert: Expert) -> list[tuple[str, PhaseConfig]]:
         """The phase list of one expert: the shared phases with that expert's overrides applied."""
         overrides = self.per_expert.get(expert, {})
         phases = []
@@ -297,11 +297,6 @@ class OptimizerParams(_Model):
         return default if value is None else value
 
 
-class EmaConfig(_Model):
-    use_ema: bool = False
-    ema_decay: float = 0.99
-
-
 class TrainConfig(_Model):
     INERT = frozenset(
         {
@@ -406,7 +401,7 @@ class ModelConfig(_Model):
 
 
 class ValidationConfig(_Model):
-    """Held-out evaluation (DESIGN 6): fixed timestep quantiles inside each expert's window."""
+    """Held-out evaluation (docs/architecture.md §6): fixed timestep quantiles inside each expert's window."""
 
     folder_path: Path | None = None
     timestep_quantiles: list[float] = Field(default_factory=lambda: [0.1, 0.3, 0.5, 0.7, 0.9])
@@ -482,7 +477,8 @@ def _yaml_error(exc: Exception) -> str:
     if mark is None:
         return " ".join(str(exc).split())
     context = getattr(exc, "context", None)
-    what = f"{exc.problem} ({context})" if context else exc.problem
+    problem = getattr(exc, "problem", None)  # set wherever problem_mark is (yaml.MarkedYAMLError)
+    what = f"{problem} ({context})" if context else problem
     return f"line {mark.line + 1}, column {mark.column + 1}: {what}"
 
 
@@ -563,7 +559,7 @@ def _strip_inert(raw: Any, model: type[BaseModel], prefix: str, found: list[str]
     """Remove keys that ai-toolkit knows but that do nothing here, recording their paths."""
     if not isinstance(raw, dict):
         return raw
-    inert_keys = getattr(model, "INERT", frozenset())
+    inert_keys: frozenset[str] = getattr(model, "INERT", frozenset())
     fields = model.model_fields
     out = {}
     for key, value in raw.items():
@@ -678,7 +674,7 @@ def _suggest(key: str, choices: list[str]) -> str:
 
 
 def _resolve_paths(job: JobConfig, base: Path, problems: list[str]) -> JobConfig:
-    """Relative paths are relative to the workdir (DESIGN 8); dataset and validation folders must exist."""
+    """Relative paths are relative to the workdir (docs/architecture.md §8); dataset and validation folders must exist."""
     datasets = []
     for i, ds in enumerate(job.process.datasets):
         folder = _under(base, ds.folder_path)
@@ -690,9 +686,10 @@ def _resolve_paths(job: JobConfig, base: Path, problems: list[str]) -> JobConfig
         datasets.append(ds.model_copy(update={"folder_path": folder}))
     validation = job.process.validation
     if validation.folder_path is not None:
-        validation = validation.model_copy(update={"folder_path": _under(base, validation.folder_path)})
-        if not validation.folder_path.is_dir():
-            problems.append(f"validation.folder_path: folder {validation.folder_path} does not exist")
+        folder = _under(base, validation.folder_path)
+        validation = validation.model_copy(update={"folder_path": folder})
+        if not folder.is_dir():
+            problems.append(f"validation.folder_path: folder {folder} does not exist")
     model = job.process.model
     if _is_workdir_relative(model.name_or_path, base):
         model = model.model_copy(update={"name_or_path": str(_under(base, Path(model.name_or_path)))})
@@ -740,7 +737,7 @@ def with_experts(job: JobConfig, experts: tuple[str, ...]) -> JobConfig:
 
 
 def default_workdir() -> Path:
-    """`$WAN_ASSETS_HOME`, else `./.wan_assets` (DESIGN 8)."""
+    """`$WAN_ASSETS_HOME`, else `./.wan_assets` (docs/architecture.md §8)."""
     return Path(os.environ.get("WAN_ASSETS_HOME") or ".wan_assets").resolve()
 
 

@@ -1,4 +1,4 @@
-"""Wan 2.2 A14B expert routing: which expert owns which timesteps (DESIGN.md section 3).
+"""Wan 2.2 A14B expert routing: which expert owns which timesteps (docs/architecture.md §3).
 
 This is the one place the split is defined; training, caching, validation and sampling import it.
 """

@@ -1,4 +1,4 @@
-"""Atomic file writes: a crash mid-save never leaves a file that parses as complete (DESIGN 5.1).
+"""Atomic file writes: a crash mid-save never leaves a file that parses as complete (docs/architecture.md §5.1).
 
 Every write goes to a hidden temporary name next to its target and is renamed over it once
 complete, with the permissions of an ordinary file under the process's umask (ComfyUI running as

@@ -1,7 +1,7 @@
 """Compute dtypes: the config names, and the one autocast rule training, sampling and scoring share.
 
 The frozen base weights are stored in the compute dtype (bf16 by default); the LoRA adapter keeps
-fp32 master weights and its input up-cast is switched off (perf.py), so an expert only runs under
+fp32 master weights and its input up-cast is switched off (speed/options.py), so an expert only runs under
 autocast in that dtype. Every forward of a trained expert goes through `autocast` below.
 """
 

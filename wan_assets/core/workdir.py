@@ -1,4 +1,4 @@
-"""The workdir (DESIGN 8): latent cache, metrics database, Dagster instance, runs and example data."""
+"""The workdir (docs/architecture.md §8): latent cache, metrics database, Dagster instance, runs and example data."""
 
 from __future__ import annotations
 
@@ -54,7 +54,7 @@ class Workdir:
 
     def ensure_sample_clips(self) -> Path:
         """The synthetic clip set of the embedded default config, written once."""
-        from wan_assets.core.synthetic import write_sample_videos
+        from wan_assets.core.data.synthetic import write_sample_videos
 
         if not self.clips.is_dir() or not any(self.clips.iterdir()):
             write_sample_videos(self.clips)
@@ -72,7 +72,7 @@ class Workdir:
 
     def ensure_tiny_model(self) -> Path:
         """The embedded tiny Wan 2.2 I2V model, built once (atomically: a folder appears whole)."""
-        from wan_assets.core.tiny_model import build_tiny_model
+        from wan_assets.core.model.tiny import build_tiny_model
 
         if not (self.tiny_model / "model_index.json").is_file():
             build_tiny_model(self.tiny_model)

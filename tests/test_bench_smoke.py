@@ -1,0 +1,80 @@
+"""The benchmarks' code paths on the tiny model on CPU, so a change cannot break them unseen (they
+run only on a GPU box otherwise): bench/train_step.py's reference and production steps, and
+bench/cache_throughput.py's serial and prefetching cache runs."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import WanTransformer3DModel
+
+from .conftest import REPO
+
+
+def _bench(name: str):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", REPO / "bench" / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_train_step_bench_reference_and_production_steps(tmp_path: Path, tiny_model_dir: Path) -> None:
+    from wan_assets.core.train.loop import TrainState, train_step
+
+    bench = _bench("train_step")
+    device = torch.device("cpu")
+    model = WanTransformer3DModel.from_pretrained(tiny_model_dir / "transformer", torch_dtype=torch.bfloat16)
+    model = model.requires_grad_(False).eval()
+    reference_job = bench.bench_job(tmp_path, "reference")
+    params = bench.add_adapter(model, reference_job)
+    initial = [p.detach().clone() for p in params]
+    batch = bench.make_batch("32x32x5", text_dim=model.config.text_dim)
+
+    bench.setup_mode("reference", model, reference_job, device)
+    train = reference_job.process.train
+    optimizer = torch.optim.AdamW(params, lr=train.lr)
+    reference_loss = bench.reference_step(model, params, optimizer, batch, 0, train, device)
+    assert math.isfinite(reference_loss)
+
+    # The production step from the same weights sees the same draws, so the same loss.
+    with torch.no_grad():
+        for p, value in zip(params, initial, strict=True):
+            p.copy_(value)
+    job = bench.bench_job(tmp_path, "eager")
+    bench.setup_mode("eager", model, job, device)
+    parts = bench.project_parts(model, params, job, batch, device)
+    result = train_step(parts, TrainState(run_id="bench"), 0)
+    assert result.skipped is None and result.loss is not None
+    assert result.loss == pytest.approx(reference_loss, rel=1e-2)
+    assert all(p.grad is not None for p in params)
+
+
+def test_cache_throughput_bench_prefetch_keeps_the_cache(
+    tmp_path: Path, tiny_model_dir: Path, clips_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from wan_assets.core.data import latents
+    from wan_assets.core.data.cache import EncoderHandle
+
+    # Importing the bench wraps ClipEncoder.encode_video with a timer; undo that after the test.
+    monkeypatch.setattr(latents.ClipEncoder, "encode_video", latents.ClipEncoder.encode_video)
+    bench = _bench("cache_throughput")
+    clips = tmp_path / "clips"
+    clips.mkdir()
+    for video in sorted(clips_dir.glob("*.mp4"))[:2]:
+        for path in clips_dir.glob(video.stem + ".*"):
+            shutil.copy(path, clips / path.name)
+    job = bench.job_for(clips, tiny_model_dir, tmp_path, 9, 4096, 2)
+    encoder = EncoderHandle(str(tiny_model_dir))
+    serial = bench.run(job, tmp_path / "serial", encoder, prefetch=0)
+    overlapped = bench.run(job, tmp_path / "prefetch", encoder, prefetch=2)
+    assert serial["clips"] == overlapped["clips"] == 2
+    assert serial["fingerprint"] == overlapped["fingerprint"]
+    assert 0 < serial["vae_busy"] <= 1

@@ -1,0 +1,317 @@
+"""Speed and memory options of the training step (docs/architecture.md §10), applied to an expert after its LoRA.
+
+`apply_training_options` is the one entry point (`build_parts` calls it for every trained expert):
+- LoRA: peft up-casts each adapted linear's input to the adapter's fp32 before the adapter runs;
+  under autocast the adapter matmul casts it straight back to bf16, so the up-cast only costs a
+  full-size copy per linear. It is switched off (bit-identical results under autocast). The
+  adapter's up-projection adds into the base output inside one GEMM (lora.FusedLoraLinear).
+- frozen base linears: fp8 compute (`train.fp8_compute`, Float8FrozenLinear; it pays under compile,
+  where the quantization fuses) and/or weight-only storage (`model.quantize`: fp8 or int8; torchao's
+  int4 has no backward), quantized block by block on the device.
+- activations, per transformer block (`train.gradient_checkpointing`): false keeps all; true
+  recomputes the whole block in backward; "selective" keeps the self-attention output (the
+  costliest op to recompute, one token x dim tensor) and, under compile on a GPU, also the matmul
+  and cross-attention outputs backward reads in as many blocks as memory allows (measured:
+  memory_plan.py), recomputing the rest. `train.activation_offload` keeps the input of each block
+  half (attention, feed-forward: block_parts.py) in pinned CPU memory (copied on a side stream) and
+  recomputes the half from it in backward (offload.py).
+- `train.compile`: each block compiled on its own (regional: one graph reused by all 40 blocks),
+  static shapes, one compile per bucket shape (and per LoRA scale: an alpha phase change
+  recompiles once).
+Options a device cannot run raise one ValueError naming the option and the device.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+
+import torch
+from diffusers import WanTransformer3DModel
+from peft.tuners.lora.layer import LoraLayer
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
+
+from wan_assets.core.config import ModelConfig, TrainConfig, offloads_inactive_expert
+from wan_assets.core.model import quantize
+from wan_assets.core.model.lora import fuse_lora_linears
+from wan_assets.core.speed import block_parts
+from wan_assets.core.speed.memory_plan import MatmulPlanner
+from wan_assets.core.speed.offload import ActivationOffloader, offloaded_block
+
+logger = logging.getLogger(__name__)
+COMPILE_BACKEND = "inductor"  # tests use "aot_eager": the same graph capture, no code generation
+RECOMPILE_LIMIT = 64  # bucket shapes x alpha values (the LoRA scale is a compile-time constant)
+
+
+@dataclass(frozen=True)
+class AppliedOptions:
+    """What `apply_training_options` did to one expert (for logs and the benchmark)."""
+
+    checkpointing: str  # none | full | selective | offload
+    compiled: bool
+    fp8_linears: int
+    weight_only: str | None  # fp8 | int8 when the base is stored quantized
+
+
+def apply_training_options(
+    transformer: WanTransformer3DModel, train: TrainConfig, model_cfg: ModelConfig, device: torch.device | str
+) -> AppliedOptions:
+    """Set up one expert (LoRA already added) for training on `device`; see the module docstring.
+
+    The expert ends on `device`, or on the CPU when inactive experts are offloaded (`activate` in
+    train/loop.py moves it in when its turn comes).
+    """
+    device = torch.device(device)
+    kind = check_options(train, model_cfg, device)
+    clear_training_options(transformer)
+    for module in transformer.modules():
+        if isinstance(module, LoraLayer):
+            module.cast_input_dtype_enabled = False
+    fuse_lora_linears(transformer)
+    home = torch.device("cpu") if offloads_inactive_expert(train, model_cfg) else device
+    fp8_linears = _place_and_quantize(transformer, train, kind, device, home)
+    mode = _checkpoint_mode(train)
+    offloader = ActivationOffloader(device) if mode == "offload" else None
+    _install_checkpointing(transformer, mode, offloader)
+    if train.compile:
+        _compile_blocks(transformer, halves=mode == "offload")
+    # Keeping matmul outputs too pays only under compile (eager would also keep the ones backward
+    # never reads) and is measured with the CUDA allocator.
+    planner = None
+    if mode == "selective" and train.compile and device.type == "cuda":
+        config = transformer.config
+        dim = config.num_attention_heads * config.attention_head_dim
+        # bf16 bytes of q, k, v, o, the cross-attention q and o, and the FFN hidden twice.
+        guess = 2 * (6 * dim + 2 * config.ffn_dim)
+        planner = MatmulPlanner(list(transformer.blocks), device, guess_per_token=guess)
+    hook = functools.partial(_before_forward, offloader=offloader, planner=planner)
+    hooks = [transformer.register_forward_pre_hook(hook, with_kwargs=True)]
+    if planner is not None:
+        hooks.append(transformer.register_forward_hook(functools.partial(_after_forward, planner=planner)))
+    if train.compile:
+        first = functools.partial(_first_block_input_needs_grad, planner=planner)
+        hooks.append(transformer.patch_embedding.register_forward_hook(first))
+    transformer._wan_perf_hooks = hooks
+    if train.fp8_compute and not train.compile:
+        logger.warning(
+            "train.fp8_compute without train.compile: the fp8 casts run as separate kernels and cost "
+            "more than the fp8 matmuls save; turn compile on"
+        )
+    return AppliedOptions(mode, train.compile, fp8_linears, kind)
+
+
+def clear_training_options(transformer: WanTransformer3DModel) -> None:
+    """Undo checkpointing, compilation and hooks (quantization stays): a fresh start for options."""
+    for hook in getattr(transformer, "_wan_perf_hooks", ()):
+        hook.remove()
+    transformer._wan_perf_hooks = []
+    transformer.disable_gradient_checkpointing()
+    transformer.wan_matmul_blocks = None
+    for block in transformer.blocks:
+        original = getattr(type(block), "_wan_original_class", None)
+        if original is not None:
+            block.__class__ = original
+        block._compiled_call_impl = None
+        block_parts.forget(block)
+
+
+# --- checks ---------------------------------------------------------------------------------------------
+
+
+def check_options(train: TrainConfig, model_cfg: ModelConfig, device: torch.device) -> str | None:
+    """The quantization kind ("fp8" / "int8" / "int4" / None), or one ValueError for what cannot run."""
+    kind = quantize.parse_qtype(model_cfg.qtype) if model_cfg.quantize else None
+    if train.fp8_compute:
+        problem = quantize.fp8_problem(device)
+        if problem is not None:
+            raise ValueError(
+                f"train.fp8_compute needs an fp8-capable GPU (sm_89+); {problem}. "
+                "Set fp8_compute: false (model.quantize: true with qtype qint8 saves memory on any device)"
+            )
+        if kind not in (None, "fp8"):
+            raise ValueError(
+                f"train.fp8_compute runs the base linears from fp8 weights; model.qtype {model_cfg.qtype!r} "
+                "stores them as " + kind + ". Use qtype qfloat8 with fp8_compute, or turn fp8_compute off"
+            )
+    if kind == "int4":
+        # torchao's int4 kernels (tinygemm) are CUDA-only and have no backward pass, which the LoRA
+        # gradient needs (torchao 0.18 on torch 2.11: "derivative for aten::_weight_int4pack_mm is
+        # not implemented").
+        where = "needs a CUDA GPU" if device.type != "cuda" else "cannot train on"
+        raise ValueError(
+            f"model.qtype {model_cfg.qtype!r} (int4 weight-only) {where} (torchao's int4 kernels run on "
+            f"CUDA and have no backward pass for the LoRA gradients); this is {device.type}. "
+            "Use qtype qfloat8 (with train.fp8_compute on an fp8 GPU) or qint8"
+        )
+    if train.activation_offload and train.gradient_checkpointing is not True:
+        raise ValueError(
+            "train.activation_offload keeps each block half's input in CPU memory and recomputes the whole "
+            f"half in backward; set train.gradient_checkpointing: true (it is {train.gradient_checkpointing!r})"
+        )
+    if train.compile and device.type == "cpu" and not _cxx_compiler():
+        raise ValueError(
+            "train.compile on CPU needs a C++ compiler (g++ or clang++) for torch.compile's inductor; "
+            "install one or set compile: false"
+        )
+    return kind
+
+
+def _cxx_compiler() -> str | None:
+    return next((p for p in (os.environ.get("CXX"), "g++", "c++", "clang++") if p and shutil.which(p)), None)
+
+
+# --- base linears ---------------------------------------------------------------------------------------
+
+
+def _place_and_quantize(
+    transformer: WanTransformer3DModel,
+    train: TrainConfig,
+    kind: str | None,
+    device: torch.device,
+    home: torch.device,
+) -> int:
+    """Quantize block by block on `device` (a 24 GiB card never holds a bf16 expert), end on `home`."""
+    swapped = 0
+    if train.fp8_compute or kind is not None:
+        for block in transformer.blocks:
+            block.to(device)
+            if train.fp8_compute:
+                # Weight-only fp8 plus fp8 compute: one e4m3 copy (memory mode); fp8 compute alone keeps
+                # a transposed copy too (bf16's footprint, no transpose per backward).
+                swapped += quantize.to_float8(block, keep_transposed=not kind)
+            else:
+                assert kind is not None, "the branch runs for fp8 compute or a weight-only kind"
+                quantize.weight_only(block, kind)
+            block.to(home)
+    transformer.to(home)
+    return swapped
+
+
+# --- activations ----------------------------------------------------------------------------------------
+
+
+def _checkpoint_mode(train: TrainConfig) -> str:
+    if train.activation_offload:
+        return "offload"
+    return {True: "full", False: "none", "selective": "selective"}[train.gradient_checkpointing]
+
+
+def _install_checkpointing(
+    transformer: WanTransformer3DModel, mode: str, offloader: ActivationOffloader | None
+) -> None:
+    if mode == "offload":
+        assert offloader is not None, "offload mode comes with its offloader"
+        # diffusers hands each block and its inputs to this function while grad is on.
+        transformer.enable_gradient_checkpointing(functools.partial(offloaded_block, offloader=offloader))
+    elif mode in ("full", "selective"):
+        # Checkpointing inside the block's own forward, so that torch.compile sees it and the
+        # selective policy applies to the compiled ops.
+        for block in transformer.blocks:
+            # A class is hashable; mypy reads type(block) of a block typed Any as unhashable type[Any].
+            block.__class__ = _checkpointed_class(type(block))  # type: ignore[arg-type]
+            block.wan_policy = "attention" if mode == "selective" else "full"
+
+
+class _CheckpointedBlock(torch.nn.Module):
+    """Mixin placed before a block's class: the block checkpoints itself while grad is on."""
+
+    wan_policy: str = "full"  # full | attention | matmuls (attention plus matmul outputs)
+
+    def forward(self, *args, **kwargs):
+        run = super().forward
+        if not torch.is_grad_enabled():
+            return run(*args, **kwargs)
+        if self.wan_policy == "full":
+            return checkpoint(run, *args, use_reentrant=False, **kwargs)
+        policy = _save_attention_and_matmuls if self.wan_policy == "matmuls" else _save_attention
+        context = functools.partial(create_selective_checkpoint_contexts, policy)
+        return checkpoint(run, *args, use_reentrant=False, context_fn=context, **kwargs)
+
+
+@functools.cache
+def _checkpointed_class(cls: type) -> type:
+    if issubclass(cls, _CheckpointedBlock):
+        return cls
+    # A subclass keeps module names, state_dict keys and isinstance checks as they were.
+    return type(cls.__name__, (_CheckpointedBlock, cls), {"_wan_original_class": cls})
+
+
+def _attention_ops() -> frozenset:
+    aten = torch.ops.aten
+    names = (
+        "_scaled_dot_product_cudnn_attention",
+        "_scaled_dot_product_flash_attention",
+        "_scaled_dot_product_efficient_attention",
+        "_scaled_dot_product_flash_attention_for_cpu",
+        "_scaled_dot_product_fused_attention_overrideable",
+    )
+    return frozenset(getattr(aten, n).default for n in names if hasattr(aten, n))
+
+
+ATTENTION_OPS = _attention_ops()
+MATMUL_OPS = frozenset(
+    {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten._scaled_mm.default}
+)
+
+
+def _save_attention(ctx, op, *args, **kwargs) -> CheckpointPolicy:
+    # Self-attention only (keys as long as queries): cross-attention over 512 text tokens is cheap.
+    if op in ATTENTION_OPS and args[1].shape[-2] == args[0].shape[-2]:
+        return CheckpointPolicy.MUST_SAVE
+    return CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def _save_attention_and_matmuls(ctx, op, *args, **kwargs) -> CheckpointPolicy:
+    # Under compile only what backward reads is kept: with the fused LoRA addmm, one output per
+    # linear (not the base's and the adapter's), the attention inputs and outputs.
+    if op in MATMUL_OPS or op in ATTENTION_OPS:
+        return CheckpointPolicy.MUST_SAVE
+    return CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def _before_forward(module, args, kwargs, *, offloader, planner):
+    if offloader is not None:
+        offloader.begin()
+    hidden = kwargs.get("hidden_states", args[0] if args else None)
+    if planner is not None and torch.is_grad_enabled() and hidden is not None:
+        batch, _, frames, height, width = hidden.shape
+        p_t, p_h, p_w = module.config.patch_size
+        tokens = batch * (frames // p_t) * (height // p_h) * (width // p_w)
+        module.wan_matmul_blocks = planner.before_forward(tokens)
+    return None
+
+
+def _after_forward(module, args, output, *, planner):
+    if torch.is_grad_enabled():
+        planner.after_forward()
+    return None
+
+
+def _first_block_input_needs_grad(module, args, output, *, planner):
+    # The patch embedding is frozen, so block 0 would get an input without grad and a compiled graph
+    # of its own; asking for that input's gradient (one block's input matmuls) saves the compile.
+    # A hook here, outside the compiled blocks: dynamo cannot trace requires_grad_. The gradient
+    # reaching this tensor also marks the end of a backward for the memory planner.
+    if torch.is_grad_enabled() and output.is_leaf and not output.requires_grad:
+        output.requires_grad_(True)
+        if planner is not None:
+            output.register_hook(lambda grad: planner.backward_finished())
+    return None
+
+
+# --- compilation ----------------------------------------------------------------------------------------
+
+
+def _compile_blocks(transformer: WanTransformer3DModel, *, halves: bool) -> None:
+    """Compile each block, or under activation offload each block's halves (what offload runs)."""
+    dynamo = torch._dynamo.config
+    dynamo.recompile_limit = max(dynamo.recompile_limit, RECOMPILE_LIMIT)
+    dynamo.accumulated_recompile_limit = max(dynamo.accumulated_recompile_limit, 8 * RECOMPILE_LIMIT)
+    for block in transformer.blocks:
+        parts = block_parts.split(block) if halves else None
+        # Static shapes: buckets repeat, and a static graph per bucket beats one dynamic graph.
+        for unit in parts or (block,):
+            unit.compile(backend=COMPILE_BACKEND, dynamic=False)

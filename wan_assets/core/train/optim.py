@@ -1,0 +1,349 @@
+"""Optimizers over the per-expert LoRA parameters, gradient clipping and gradient stability (docs/architecture.md §5).
+
+One param group per trained expert, in EXPERTS order, each tagged with `"expert"`: when both experts
+train, group 0 is high_noise and group 1 low_noise, which is what the metrics' `lr_0` / `lr_1` mean.
+The trainer must leave the inactive expert's gradients as None (not zeros): every optimizer here skips
+a parameter whose grad is None, so the paused expert's weights and optimizer state stay untouched.
+An adamw8bit state holds torchao tensor subclasses, which `torch.load(weights_only=True)` accepts only
+once `torchao.optim` is imported: build the optimizer before loading a run's `_state.pt`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from wan_assets.core.config import ConfigError, OptimizerParams, TrainConfig
+from wan_assets.core.experts import EXPERTS, check_expert
+
+# Adafactor's eps1, added to grad**2 before the second-moment EMA. `optimizer_params.eps` (1e-8) is
+# AdamW's denominator eps: added to squared LoRA gradients (often ~1e-12) it would swamp them.
+AUTOMAGIC_EPS = 1e-30
+
+
+def build_optimizer(train: TrainConfig, params: dict[str, list[torch.nn.Parameter]]) -> torch.optim.Optimizer:
+    """The configured optimizer with one group per expert in `params`, in EXPERTS order."""
+    for expert in params:
+        check_expert(expert)
+    experts = [e for e in EXPERTS if e in params]
+    assert experts, "build_optimizer needs the parameters of at least one expert"
+    opt = train.optimizer_params
+    groups = [
+        {"params": list(params[e]), "expert": e, "lr": opt.for_expert(e, "lr", train.lr)} for e in experts
+    ]
+    return _BUILDERS[train.optimizer](groups, opt)
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state_dict: dict, device: torch.device) -> None:
+    """Load a saved optimizer state with its tensors on `device`, where the steps run.
+
+    torch moves each state tensor to its parameter's device at load time, but the LoRA of an expert
+    that waits on the CPU (offload_inactive_expert) would leave its moments there for good, and
+    torchao's 8-bit states stay where they were loaded (the CPU). `step` stays on the host where
+    torch keeps it there (neither fused nor capturable).
+    """
+    optimizer.load_state_dict(state_dict)
+    for group in optimizer.param_groups:
+        step_on_host = not (group.get("fused") or group.get("capturable"))
+        for param in group["params"]:
+            state = optimizer.state.get(param, {})
+            for key, value in state.items():
+                if torch.is_tensor(value) and not (key == "step" and step_on_host):
+                    state[key] = value.to(device)
+
+
+def check_optimizer(train: TrainConfig, experts: Sequence[str]) -> None:
+    """Raise the ConfigError `build_optimizer` would for these experts, building nothing."""
+    if train.optimizer == "automagic":
+        opt = train.optimizer_params
+        for expert in experts:
+            _automagic_bounds(opt, expert, opt.for_expert(expert, "lr", train.lr))
+
+
+def _adamw(groups: list[dict[str, Any]], opt: OptimizerParams) -> torch.optim.Optimizer:
+    # Fused on CUDA: one multi-tensor kernel set for all of a LoRA's tensors instead of a dozen
+    # foreach passes, whose launches kept the GPU idle at every step's end. Elsewhere (CPU, or an
+    # expert parked on the CPU while inactive) torch picks its default.
+    on_cuda = all(p.is_cuda for g in groups for p in g["params"])
+    return torch.optim.AdamW(
+        groups, betas=opt.betas, eps=opt.eps, weight_decay=opt.weight_decay, fused=True if on_cuda else None
+    )
+
+
+def _adamw8bit(groups: list[dict[str, Any]], opt: OptimizerParams) -> torch.optim.Optimizer:
+    # Imported here: importing torchao costs seconds and logs warnings that other optimizers never need.
+    from torchao.optim import AdamW8bit
+
+    # torchao quantizes the two moments of tensors with >= 4096 elements and a multiple of block_size
+    # (256); smaller tensors keep plain moments in the param dtype. Its step is torch.compile'd, which
+    # on CPU needs a C++ compiler and takes tens of seconds on first use.
+    return AdamW8bit(groups, betas=opt.betas, eps=opt.eps, weight_decay=opt.weight_decay)
+
+
+def _automagic(groups: list[dict[str, Any]], opt: OptimizerParams) -> torch.optim.Optimizer:
+    for group in groups:
+        group.update(_automagic_bounds(opt, group["expert"], group["lr"]))
+    return Automagic(
+        groups, beta2=opt.beta2, clip_threshold=opt.clip_threshold, weight_decay=opt.weight_decay
+    )
+
+
+def _automagic_bounds(opt: OptimizerParams, expert: str, lr: float) -> dict[str, float]:
+    """Per-expert lr_bump / min_lr / max_lr, checked against the expert's start lr."""
+    bounds = {
+        name: opt.for_expert(expert, name, getattr(opt, name)) for name in ("lr_bump", "min_lr", "max_lr")
+    }
+    if bounds["lr_bump"] < 0:
+        raise ConfigError(
+            f"train.optimizer_params: lr_bump for {expert} must be >= 0, got {bounds['lr_bump']}"
+        )
+    if not 0 <= bounds["min_lr"] <= lr <= bounds["max_lr"]:
+        raise ConfigError(
+            f"train.optimizer_params: automagic start lr {lr} for {expert} is outside "
+            f"[min_lr, max_lr] = [{bounds['min_lr']}, {bounds['max_lr']}]; set train.lr "
+            f"(or optimizer_params.{expert}_lr) inside that range or widen {expert}_min_lr / {expert}_max_lr"
+        )
+    return bounds
+
+
+_BUILDERS: dict[str, Callable[[list[dict[str, Any]], OptimizerParams], torch.optim.Optimizer]] = {
+    "adamw": _adamw,
+    "adamw8bit": _adamw8bit,
+    "automagic": _automagic,
+}
+
+
+def group_lr(optimizer: torch.optim.Optimizer, group_index: int) -> float:
+    """The learning rate to log for one group (automagic: the mean of its per-element lr masks)."""
+    group = optimizer.param_groups[group_index]
+    if isinstance(optimizer, Automagic):
+        return optimizer.mean_lr(group)
+    # float() also covers torchao, which keeps lr as a 0-d tensor.
+    return float(group["lr"])
+
+
+# --- automagic -------------------------------------------------------------------------------------
+
+
+class Automagic(torch.optim.Optimizer):
+    """Adafactor-scaled sign-adaptive optimizer (after ai-toolkit's automagic; our own code).
+
+    Per parameter: an Adafactor second moment (factored row/col EMAs for >= 2-D, full for 0/1-D) scales
+    the gradient, the scaled update is capped at RMS `clip_threshold`, and a per-element learning-rate
+    mask, started at the group lr, moves by +lr_bump where the update's sign repeats the previous step's
+    and -lr_bump where it flips, clamped to [min_lr, max_lr]. Where either sign is 0 the mask stays put
+    (no direction to compare), which also makes the first step leave the mask at the start lr.
+    Weight decay is decoupled and scaled by the same mask.
+
+    State per element: lr mask fp32 (4 bytes) + previous update sign int8 (1 byte); the factored second
+    moment adds (rows + cols) fp32 per matrix. The mask is fp32, not bf16/8-bit as in the seed: in bf16
+    a 1e-6 bump rounds to 2e-6 between 2.4e-4 and 4.9e-4 and to nothing above 4.9e-4 (2**-11).
+    Computation is in fp32; lower-precision params are rounded to nearest when written back.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        lr: float = 1e-4,
+        lr_bump: float = 1e-6,
+        min_lr: float = 1e-7,
+        max_lr: float = 1e-3,
+        beta2: float = 0.999,
+        clip_threshold: float = 1.0,
+        weight_decay: float = 0.0,
+        eps: float = AUTOMAGIC_EPS,
+    ) -> None:
+        defaults = {
+            "lr": lr,
+            "lr_bump": lr_bump,
+            "min_lr": min_lr,
+            "max_lr": max_lr,
+            "beta2": beta2,
+            "clip_threshold": clip_threshold,
+            "weight_decay": weight_decay,
+            "eps": eps,
+        }
+        super().__init__(params, defaults)
+
+    @torch.no_grad()
+    # One body for both of torch's `step` overloads (closure or none), as torch's own optimizers do.
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    self._step_param(p, group)
+        return loss
+
+    def _step_param(self, p: Tensor, group: dict[str, Any]) -> None:
+        assert p.grad is not None, "step() passes only parameters with a gradient"
+        grad = p.grad.float()
+        state = self.state[p]
+        if not state:
+            _init_state(state, p, group["lr"])
+        update = _scaled_update(grad, state, group)
+        lr_mask = _move_lr_mask(update, state, group)
+        work = p if p.dtype == torch.float32 else p.float()
+        if group["weight_decay"]:
+            work.mul_(1 - group["weight_decay"] * lr_mask)
+        work.addcmul_(lr_mask, update, value=-1)
+        if work is not p:
+            p.copy_(work)
+
+    def mean_lr(self, group: dict[str, Any]) -> float:
+        """Element-weighted mean of the group's lr masks; the group's start lr before its first step."""
+        masks = [self.state[p]["lr_mask"] for p in group["params"] if "lr_mask" in self.state[p]]
+        if not masks:
+            return float(group["lr"])
+        total = sum(m.sum(dtype=torch.float64) for m in masks)
+        return float(total) / sum(m.numel() for m in masks)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        # torch casts every state tensor of a floating param to the param's dtype: the int8 signs would
+        # become floats and, for bf16 params, the fp32 mask would lose bits. Put back the saved tensors,
+        # copied so the loaded state never aliases the caller's dict.
+        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        for saved_id, p in zip(saved_ids, params, strict=True):
+            for key, value in state_dict["state"].get(saved_id, {}).items():
+                self.state[p][key] = value.to(device=p.device, copy=True)
+
+
+def _init_state(state: dict[str, Tensor], p: Tensor, lr: float) -> None:
+    state["lr_mask"] = torch.full(p.shape, lr, dtype=torch.float32, device=p.device)
+    # Zero signs: sign * 0 = 0 leaves the mask unchanged on the first step.
+    state["prev_sign"] = torch.zeros(p.shape, dtype=torch.int8, device=p.device)
+    if p.dim() >= 2:
+        state["exp_avg_sq_row"] = torch.zeros(p.shape[:-1], dtype=torch.float32, device=p.device)
+        state["exp_avg_sq_col"] = torch.zeros(
+            p.shape[:-2] + p.shape[-1:], dtype=torch.float32, device=p.device
+        )
+    else:
+        state["exp_avg_sq"] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
+
+
+def _scaled_update(grad: Tensor, state: dict[str, Tensor], group: dict[str, Any]) -> Tensor:
+    """grad / sqrt(v), v the (factored) EMA of grad**2, with the update's RMS capped at clip_threshold."""
+    beta2 = group["beta2"]
+    grad_sq = grad.square().add_(group["eps"])
+    if grad.dim() >= 2:
+        row, col = state["exp_avg_sq_row"], state["exp_avg_sq_col"]
+        row.mul_(beta2).add_(grad_sq.mean(dim=-1), alpha=1 - beta2)
+        col.mul_(beta2).add_(grad_sq.mean(dim=-2), alpha=1 - beta2)
+        update = _factored_rsqrt(row, col).mul_(grad)
+    else:
+        exp_avg_sq = state["exp_avg_sq"]
+        exp_avg_sq.mul_(beta2).add_(grad_sq, alpha=1 - beta2)
+        update = exp_avg_sq.rsqrt().mul_(grad)
+    # Adafactor's update clipping: no bias correction, so early updates are large; this bounds them.
+    return update.div_((_rms(update) / group["clip_threshold"]).clamp_(min=1.0))
+
+
+def _factored_rsqrt(row: Tensor, col: Tensor) -> Tensor:
+    """1 / sqrt(v_hat), v_hat[i, j] = row[i] * col[j] / mean(row) (Adafactor's rank-1 estimate)."""
+    r_factor = (row / row.mean(dim=-1, keepdim=True)).rsqrt_().unsqueeze(-1)  # [..., m, 1]
+    c_factor = col.unsqueeze(-2).rsqrt()  # [..., 1, n]
+    return r_factor * c_factor
+
+
+def _rms(tensor: Tensor) -> Tensor:
+    return tensor.norm(2) / (tensor.numel() ** 0.5)
+
+
+def _move_lr_mask(update: Tensor, state: dict[str, Tensor], group: dict[str, Any]) -> Tensor:
+    sign = torch.sign(update).to(torch.int8)
+    # sign * prev: +1 where the sign repeats, -1 where it flips, 0 where either is zero.
+    direction = sign * state["prev_sign"]
+    lr_mask = state["lr_mask"]
+    lr_mask.add_(direction, alpha=group["lr_bump"]).clamp_(group["min_lr"], group["max_lr"])
+    state["prev_sign"] = sign
+    return lr_mask
+
+
+# --- gradient stability and clipping -----------------------------------------------------------------
+
+
+class GradientStability:
+    """Per expert: the fraction of LoRA gradient elements whose sign repeats that expert's previous step.
+
+    Weighted by element count across params (one fraction over all elements, not a mean of per-param
+    fractions). Signs compare as torch.sign: 0 is its own sign, so an element that stays exactly zero
+    counts as agreeing and one that moves between zero and nonzero as not. A param whose grad is None
+    counts as all zeros. Call `measure` once per optimizer step of an expert, after accumulation and
+    clipping (clipping scales by a positive factor, so signs do not change), only for steps taken.
+    Previous signs are int8 (1 byte per element) on the params' device.
+    """
+
+    def __init__(self) -> None:
+        self._prev_signs: dict[str, Tensor] = {}  # per expert: all its params' signs, one flat tensor
+        self._shapes: dict[str, list[torch.Size]] = {}
+
+    def measure(self, expert: str, params: Sequence[Tensor]) -> float | None:
+        """This step's sign agreement for `expert`; None on its first measured step."""
+        check_expert(expert)
+        assert params, "GradientStability.measure needs the expert's LoRA parameters"
+        shapes, signs = [p.shape for p in params], _grad_signs(params)
+        prev, prev_shapes = self._prev_signs.get(expert), self._shapes.get(expert)
+        self._prev_signs[expert], self._shapes[expert] = signs, shapes
+        if prev is None:
+            return None
+        assert prev_shapes is not None, "signs and shapes are stored together"
+        _check_same_layout(expert, prev_shapes, shapes)
+        return float((signs == prev.to(signs.device)).sum()) / signs.numel()
+
+    def state_dict(self) -> dict[str, dict[str, list[Tensor]]]:
+        # One int8 tensor per param, as the checkpoint format has it (views of the flat signs).
+        return {
+            "prev_signs": {
+                e: [
+                    t.view(shape)
+                    for t, shape in zip(
+                        flat.split([s.numel() for s in self._shapes[e]]), self._shapes[e], strict=True
+                    )
+                ]
+                for e, flat in self._prev_signs.items()
+            }
+        }
+
+    def load_state_dict(self, state: dict[str, dict[str, list[Tensor]]]) -> None:
+        self._prev_signs, self._shapes = {}, {}
+        for expert, signs in state["prev_signs"].items():
+            self._prev_signs[check_expert(expert)] = torch.cat([s.reshape(-1) for s in signs])
+            self._shapes[expert] = [s.shape for s in signs]
+
+
+def _grad_signs(params: Sequence[Tensor]) -> Tensor:
+    """All grads' signs as one flat int8 tensor: a few kernels, not several per param (a LoRA on 40
+    blocks has 800), which kept the GPU waiting for their launches at every step's end."""
+    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
+    return flat.sign_().to(torch.int8)
+
+
+def _check_same_layout(expert: str, prev: list[torch.Size], shapes: list[torch.Size]) -> None:
+    if prev != shapes:
+        raise ValueError(
+            f"gradient stability for {expert}: the parameters changed shape or number since its previous "
+            "step (a resume with a different LoRA rank or module filter?); start a new run for a new layout"
+        )
+
+
+def clip_grad_norm(params: Iterable[Tensor], max_norm: float) -> float:
+    """Clip the total L2 gradient norm to `max_norm` (0 = no clipping); return the norm before clipping.
+
+    A non-finite norm is returned as is (the trainer skips such steps); grads are then left unclipped.
+    """
+    params = list(params)
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return 0.0
+    total_norm = torch.nn.utils.get_total_norm(grads)
+    if max_norm > 0 and torch.isfinite(total_norm):
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total_norm)
+    return float(total_norm)
