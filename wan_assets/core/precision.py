@@ -22,6 +22,13 @@ DTYPES: dict[str, torch.dtype] = {
 }
 
 
+def dtype_problem(name: str, device: torch.device) -> str | None:
+    """Why `train.dtype` `name` cannot train on `device`, or None."""
+    if device.type == "cpu" and DTYPES[name] == torch.float16:
+        return "train.dtype fp16 needs a GPU; use bf16 or fp32 on CPU"
+    return None
+
+
 def autocast(device: torch.device, dtype: torch.dtype):
     """Autocast to `dtype` on `device`; off in fp32 (nothing to cast)."""
     return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)

@@ -31,7 +31,7 @@ from wan_assets.core.experts import timestep_window
 from wan_assets.core.files import write_json, write_text
 from wan_assets.core.model.loading import WanComponents, load_wan_model
 from wan_assets.core.model.lora import add_lora, save_lora, set_lora_scale
-from wan_assets.core.precision import DTYPES, autocast
+from wan_assets.core.precision import DTYPES, autocast, dtype_problem
 from wan_assets.core.seeds import derive_seed
 from wan_assets.core.speed.options import apply_training_options
 from wan_assets.core.train.alpha_schedule import AlphaScheduler, Transition
@@ -128,8 +128,9 @@ def build_parts(
     device = device or (dist.device() if dist.enabled else pick_device())
     train = job.process.train
     compute_dtype = DTYPES[train.dtype]
-    if device.type == "cpu" and compute_dtype == torch.float16:
-        raise TrainingError("train.dtype fp16 needs a GPU; use bf16 or fp32 on CPU")
+    problem = dtype_problem(train.dtype, device)
+    if problem is not None:
+        raise TrainingError(problem)
     index_file = index_path(cache_dir, job)
     if not index_file.is_file():
         raise TrainingError(

@@ -15,6 +15,7 @@ import torch
 
 from wan_assets.core.config import ConfigError, JobConfig
 from wan_assets.core.devices import pick_device
+from wan_assets.core.precision import dtype_problem
 
 
 def preflight(
@@ -86,8 +87,9 @@ def _device_problems(job: JobConfig, device: torch.device) -> list[str]:
             check_options(probe_train, probe_model, device)
         except ValueError as exc:
             problems.append(str(exc))
-    if train.dtype in ("fp16", "float16") and device.type == "cpu":
-        problems.append("train.dtype fp16 needs a GPU; use bf16 or fp32 on CPU")
+    dtype = dtype_problem(train.dtype, device)
+    if dtype is not None:
+        problems.append(dtype)
     return list(dict.fromkeys(problems))
 
 
