@@ -34,11 +34,12 @@ format: $(STAMP)
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
-# Re-resolve the lock on purpose (after changing pyproject.toml's dependencies), never by drift.
+# Re-resolve the lock on purpose (after changing pyproject.toml's dependencies), never by drift:
+# pins already in the lock are kept unless `make lock UPGRADE=1` asks for the newest of everything.
 # torch stays out of it: TORCH_SPEC picks the build (CPU here, CUDA on a GPU machine).
 lock: $(STAMP)
 	$(BIN)/python -c "import torch; print('torch==' + torch.__version__.split('+')[0])" > $(VENV)/torch.txt
-	$(BIN)/python -m uv pip compile pyproject.toml --extra dev --python-version 3.11 --upgrade \
+	$(BIN)/python -m uv pip compile pyproject.toml --extra dev --python-version 3.11 $(if $(UPGRADE),--upgrade,) \
 		-c $(VENV)/torch.txt --no-emit-package torch -o $(LOCK) \
 		$(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 
