@@ -17,6 +17,9 @@ class WanProjectResource(ConfigurableResource):
     """The job config file and the workdir (latent cache, runs, metrics database, example data).
 
     `device` picks where encoders run: "auto" is the first CUDA device when there is one.
+
+    Dagster builds a fresh copy of this resource for every run (and every sensor tick), so the job
+    config and the dataset scan are read once per run and then reused for all of its clips.
     """
 
     config_path: str = Field(default=str(TINY_CONFIG), description="The job config (WAN_ASSETS_CONFIG)")
@@ -29,29 +32,43 @@ class WanProjectResource(ConfigurableResource):
         wd.ensure_default_clips(self.config_path)
         return wd
 
+    @cached_property
+    def _job(self) -> JobConfig:
+        return load_config(self.config_path, workdir=self._workdir.root).job
+
+    @cached_property
+    def _sources(self) -> dict[str, ClipSource]:
+        return {source.key: source for source in discover_clips(self._job)}
+
     def root(self) -> Workdir:
         return self._workdir
 
     def job(self) -> JobConfig:
-        return load_config(self.config_path, workdir=self._workdir.root).job
+        """The job config, read once per run."""
+        return self._job
 
     def clips(self) -> list[ClipSource]:
-        return discover_clips(self.job())
+        """Every clip under the dataset folders, scanned once per run (sorted by partition key)."""
+        return list(self._sources.values())
 
     def source(self, partition_key: str) -> ClipSource:
-        for source in self.clips():
-            if source.key == partition_key:
-                return source
-        raise FileNotFoundError(
-            f"clip {partition_key!r} is no longer under the dataset folders of {self.config_path}"
-        )
+        source = self._sources.get(partition_key)
+        if source is None:  # added after this run's scan: look once more before giving up
+            self.__dict__.pop("_sources", None)
+            source = self._sources.get(partition_key)
+        if source is None:
+            raise FileNotFoundError(
+                f"clip {partition_key!r} is no longer under the dataset folders of {self.config_path}"
+            )
+        return source
 
     def torch_device(self):
         return pick_device(self.device)
 
     @contextmanager
     def encoder(self) -> Iterator[EncoderHandle]:
-        """Encoders on a GPU this step holds alone (one per GPU across concurrent steps)."""
+        """Encoders on a GPU this step holds alone (one per GPU across concurrent steps). They load on
+        first use and stay loaded for every clip the step encodes inside this block."""
         model_path = self._workdir.ensure_model(self.job().process.model.name_or_path)
         with claim_device(self._workdir.root / "locks", self.device) as device:
             yield EncoderHandle.create(model_path, str(device))

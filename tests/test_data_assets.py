@@ -17,16 +17,26 @@ from dagster import (
     materialize,
 )
 
+from dagster import AssetKey
+from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
+
 from resources.project import WanProjectResource
-from wan_assets.assets.data import captions, latent_cache, latents, raw_videos, videos
+from wan_assets.assets.data import (
+    CAPTIONS,
+    ENCODERS_LOADED,
+    LATENTS,
+    RAW_VIDEOS,
+    clip_assets,
+    latent_cache,
+    videos,
+)
 from wan_assets.core.data.synthetic import write_bad_inputs, write_sample_videos
 from wan_assets.core.train.loop import TrainState, build_parts, save_checkpoint
-from wan_assets.sensors import new_clips_sensor
+from wan_assets.sensors import batches, new_clips_sensor, requested_keys
 
 from .test_cache import BAD, data_config
 
-PER_CLIP = [raw_videos, captions, latents]
-ALL = [*PER_CLIP, latent_cache]
+ALL = [clip_assets, latent_cache]
 
 
 @pytest.fixture
@@ -41,7 +51,8 @@ def project(tmp_path: Path, clips_dir: Path, tiny_model_dir: Path) -> WanProject
 
 
 @pytest.fixture
-def instance():
+def instance(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "dagster_home"))
     with instance_for_test() as inst:
         yield inst
 
@@ -58,28 +69,59 @@ def tick(instance: DagsterInstance, project: WanProjectResource, cursor: str | N
     return result
 
 
-def run_clip(instance: DagsterInstance, project: WanProjectResource, key: str):
+def run_batch(instance: DagsterInstance, project: WanProjectResource, keys: list[str]):
+    """One run of the per-clip assets over the consecutive clip partitions `keys`, as the sensor asks."""
+    tags = {ASSET_PARTITION_RANGE_START_TAG: keys[0], ASSET_PARTITION_RANGE_END_TAG: keys[-1]}
     return materialize(
-        PER_CLIP,
-        partition_key=key,
-        resources={"project": project},
-        instance=instance,
-        raise_on_error=False,
+        [clip_assets], tags=tags, resources={"project": project}, instance=instance, raise_on_error=False
     )
 
 
-def test_graph_materializes_good_clips_and_names_bad_ones(instance, project) -> None:
+def run_clip(instance: DagsterInstance, project: WanProjectResource, key: str):
+    return materialize(
+        [clip_assets], partition_key=key, resources={"project": project}, instance=instance, raise_on_error=False
+    )
+
+
+def _partition_status(instance: DagsterInstance, key: AssetKey) -> tuple[set[str], set[str]]:
+    """(materialized, failed) partitions of `key`, as the UI computes them."""
+    from dagster._core.storage.partition_status_cache import get_and_update_asset_status_cache_value
+
+    value = get_and_update_asset_status_cache_value(instance, key, videos)
+    assert value is not None
+    done = set(value.deserialize_materialized_partition_subsets(videos).get_partition_keys())
+    failed = set(value.deserialize_failed_partition_subsets(videos).get_partition_keys())
+    return done, failed
+
+
+def test_one_batch_fails_its_bad_clips_alone_and_materializes_the_rest(instance, project) -> None:
     result = tick(instance, project)
     keys = instance.get_dynamic_partitions(videos.name)
-    assert len(keys) == 16 and len(result.run_requests) == 16
-    failures = {}
-    for key in keys:
-        run = run_clip(instance, project, key)
-        if not run.success:
-            failures[key] = " ".join(e.step_failure_data.error.message for e in run.get_step_failure_events())
-    assert {Path(k).stem for k in failures} == BAD
-    for key, message in failures.items():
-        assert Path(key).stem in message, message
+    assert len(keys) == 16
+    # The sensor asks for one batch run over all 16 new clips, not 16 runs.
+    assert len(result.run_requests) == 1 and requested_keys(result.run_requests[0], keys) == keys
+    run = run_batch(instance, project, keys)
+    assert not run.success
+    failure = run.get_step_failure_events()[0].step_failure_data
+    bad = {k for k in keys if Path(k).stem in BAD}
+    assert {Path(k).stem for k in bad} == BAD
+    # Every bad clip is named with its reason in the one step failure, and in its own ERROR line.
+    assert set(failure.user_failure_data.metadata["failed_clips"].value) == bad
+    for key in bad:
+        assert key in failure.error.message
+    errors = [e.message for e in instance.all_logs(run.run_id) if e.level >= 40 and e.message]
+    assert all(any(key in m for m in errors) for key in bad)
+    # The good clips of the same batch are materialized, the bad ones' partitions show failed.
+    done, failed = _partition_status(instance, LATENTS)
+    assert done == set(keys) - bad and failed == bad
+    raw_done, raw_failed = _partition_status(instance, RAW_VIDEOS)
+    assert raw_failed == {k for k in bad if Path(k).stem in {"corrupt", "empty", "not_video"}}
+    # raw_videos' `path` is the clip itself, and the encoders loaded once for the batch.
+    mat = instance.fetch_materializations(RAW_VIDEOS, limit=1).records[0].asset_materialization
+    assert mat.metadata["path"].value == str(project.source(mat.partition).path)
+    logs = [e.message for e in instance.all_logs(run.run_id) if ENCODERS_LOADED in (e.message or "")]
+    assert len(logs) == 1
+
     index = materialize(ALL, selection=[latent_cache], resources={"project": project}, instance=instance)
     meta = index.asset_materializations_for_node("latent_cache")[0].metadata
     assert meta["clips"].value == 10
@@ -94,13 +136,39 @@ def test_graph_materializes_good_clips_and_names_bad_ones(instance, project) -> 
     save_checkpoint(parts, TrainState(run_id="t"))
     assert torch.load(parts.files.state(0), weights_only=False)["index_hash"] == parts.index_hash
 
-    # Nothing changed: the re-run encodes nothing and keeps every data version.
+    # Re-running one clip is its one partition: nothing changed, so it encodes nothing, keeps its
+    # data version, and loads no encoder.
     key = "circle_right.mp4"
     before = _latest(instance, key)
     again = run_clip(instance, project, key)
-    mat = again.asset_materializations_for_node("latents")[0]
-    assert mat.metadata["vae_calls"].value == 0 and mat.metadata["text_encoder_calls"].value == 0
+    assert again.success
+    mat = again.asset_materializations_for_node("clip_assets")
+    latents_mat = [m for m in mat if m.asset_key == LATENTS][0]
+    assert latents_mat.metadata["vae_calls"].value == 0 and latents_mat.metadata["text_encoder_calls"].value == 0
     assert _latest(instance, key) == before
+    assert not any(ENCODERS_LOADED in (e.message or "") for e in instance.all_logs(again.run_id))
+
+    # A fixed clip re-run alone turns its partition from failed to materialized.
+    fixed = next(k for k in bad if Path(k).stem == "no_caption")
+    (Path(project.source(fixed).path).with_suffix(".txt")).write_text("a red circle moves right")
+    assert run_clip(instance, project, fixed).success
+    done, failed = _partition_status(instance, LATENTS)
+    assert fixed in done and fixed not in failed
+
+
+def test_caption_edit_reruns_only_captions_and_latents(instance, project) -> None:
+    tick(instance, project)
+    keys = [k for k in instance.get_dynamic_partitions(videos.name) if not k.startswith("bad/")]
+    assert run_batch(instance, project, keys).success
+    result = materialize(
+        [clip_assets],
+        selection=[CAPTIONS, LATENTS],
+        partition_key=keys[0],
+        resources={"project": project},
+        instance=instance,
+    )
+    keys_done = {m.asset_key for m in result.asset_materializations_for_node("clip_assets")}
+    assert keys_done == {CAPTIONS, LATENTS}
 
 
 def _latest(instance: DagsterInstance, key: str) -> str:
@@ -117,7 +185,7 @@ def _latest(instance: DagsterInstance, key: str) -> str:
 
 def test_sensor_adds_new_clips_and_removes_deleted_ones(instance, project, tmp_path: Path) -> None:
     first = tick(instance, project)
-    assert len(first.run_requests) == 16
+    assert len(first.run_requests) == 1
     idle = tick(instance, project, cursor=first.cursor)
     assert idle.run_requests == [] and idle.dynamic_partitions_requests == []
 
@@ -140,3 +208,11 @@ def test_sensor_adds_new_clips_and_removes_deleted_ones(instance, project, tmp_p
     changed = tick(instance, project, cursor=result.cursor)
     assert [r.partition_key for r in changed.run_requests] == ["dropped_in.mp4"]
     assert changed.dynamic_partitions_requests == []
+
+
+def test_batches_are_consecutive_runs_of_at_most_n() -> None:
+    order = [f"c{i:02d}" for i in range(10)]
+    wanted = {"c00", "c01", "c02", "c04", "c05", "c06", "c07", "c09"}
+    assert batches(order, wanted, 3) == [["c00", "c01", "c02"], ["c04", "c05", "c06"], ["c07"], ["c09"]]
+    assert batches(order, set(), 3) == []
+    assert sum(map(len, batches(order, set(order), 4))) == 10

@@ -172,22 +172,9 @@ def cmd_sample_videos(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from wan_assets.demo import run_demo
+    from wan_assets.demo import print_demo, run_demo
 
-    out = run_demo(Path(args.workdir) if args.workdir else None)
-    job = out["job"]
-    print(f"\nworkdir:      {out['workdir']}")
-    print(f"clips:        {job.process.datasets[0].folder_path}")
-    print(f"model:        {job.process.model.name_or_path}")
-    print(f"latent cache: {Path(out['workdir']) / 'cache'}")
-    print(f"run:          {job.run_dir()}")
-    print(f"metrics:      {Path(out['workdir']) / 'metrics.duckdb'}")
-    from wan_assets.core.metrics.report import summary
-
-    print("\n" + summary(Path(out["workdir"]) / "metrics.duckdb"))
-    for key, reason in out["failed_clips"].items():
-        print(f"failed clip {key}: {reason}", file=sys.stderr)
-    return 0
+    return print_demo(run_demo(Path(args.workdir) if args.workdir else None))
 
 
 def _parser() -> argparse.ArgumentParser:

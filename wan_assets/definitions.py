@@ -13,7 +13,7 @@ from dagster import Definitions
 
 from resources.launcher import TrainingLauncher
 from resources.project import WanProjectResource
-from wan_assets.assets.data import captions, latent_cache, latents, raw_videos
+from wan_assets.assets.data import DEFAULT_BATCH_CLIPS, clip_assets, clip_batches, latent_cache
 from wan_assets.assets.metrics import training_metrics
 from wan_assets.assets.training import evaluated_checkpoints, lora_training
 from wan_assets.automation import (
@@ -25,7 +25,7 @@ from wan_assets.automation import (
     train_and_evaluate,
 )
 from wan_assets.core.workdir import TINY_CONFIG
-from wan_assets.sensors import new_clips_sensor
+from wan_assets.sensors import new_clips_sensor_for
 
 
 @dataclass(frozen=True)
@@ -37,6 +37,7 @@ class Settings:
     train_procs: int = 1  # WAN_ASSETS_TRAIN_PROCS > 1: data parallel under torchrun, one process per GPU
     retrain_cron: str = DEFAULT_RETRAIN_CRON  # WAN_ASSETS_RETRAIN_CRON: when a changed cache retrains
     eval_cron: str = DEFAULT_EVAL_CRON  # WAN_ASSETS_EVAL_CRON: when checkpoints are re-scored
+    batch_clips: int = DEFAULT_BATCH_CLIPS  # WAN_ASSETS_BATCH_CLIPS: clips per run of the per-clip assets
 
 
 def settings(environ: Mapping[str, str] = os.environ) -> Settings:
@@ -49,6 +50,7 @@ def settings(environ: Mapping[str, str] = os.environ) -> Settings:
         train_procs=int(environ.get("WAN_ASSETS_TRAIN_PROCS", str(default.train_procs))),
         retrain_cron=environ.get("WAN_ASSETS_RETRAIN_CRON", default.retrain_cron),
         eval_cron=environ.get("WAN_ASSETS_EVAL_CRON", default.eval_cron),
+        batch_clips=int(environ.get("WAN_ASSETS_BATCH_CLIPS", str(default.batch_clips))),
     )
 
 
@@ -62,9 +64,7 @@ def resources(deployment: Settings | None = None) -> dict:
 
 SETTINGS = settings()
 ASSETS = [
-    raw_videos,
-    captions,
-    latents,
+    clip_assets.with_attributes(backfill_policy=clip_batches(SETTINGS.batch_clips)),
     latent_cache,
     retrain_on_cron(lora_training, SETTINGS.retrain_cron),
     evaluated_checkpoints,
@@ -73,7 +73,7 @@ ASSETS = [
 
 defs = Definitions(
     assets=ASSETS,
-    sensors=[new_clips_sensor, automation_sensor],
+    sensors=[new_clips_sensor_for(SETTINGS.batch_clips), automation_sensor],
     schedules=[evaluation_schedule(SETTINGS.eval_cron)],
     jobs=[train_and_evaluate],
     resources=resources(SETTINGS),

@@ -184,6 +184,11 @@ class EncoderHandle:
         return self._encoder
 
     @property
+    def loaded(self) -> bool:
+        """Whether the models are in memory: a batch that reuses this handle loads them once."""
+        return self._encoder is not None
+
+    @property
     def num_vae_calls(self) -> int:
         return self._encoder.num_vae_calls if self._encoder is not None else 0
 
