@@ -45,8 +45,9 @@ lock: $(STAMP)
 
 HOST ?= 127.0.0.1
 PORT ?= 3000
+CONFIG ?=
 ui: $(STAMP)
-	$(BIN)/wan-assets ui --host $(HOST) --port $(PORT)
+	$(BIN)/wan-assets ui $(CONFIG) --host $(HOST) --port $(PORT)
 
 clean:
 	rm -rf $(VENV) .wan_assets .pytest_cache .ruff_cache

@@ -10,14 +10,13 @@ import torch
 import yaml
 from dagster import (
     AddDynamicPartitionsRequest,
+    AssetKey,
     DagsterInstance,
     DeleteDynamicPartitionsRequest,
     build_sensor_context,
     instance_for_test,
     materialize,
 )
-
-from dagster import AssetKey
 from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
 
 from resources.project import WanProjectResource
@@ -79,7 +78,11 @@ def run_batch(instance: DagsterInstance, project: WanProjectResource, keys: list
 
 def run_clip(instance: DagsterInstance, project: WanProjectResource, key: str):
     return materialize(
-        [clip_assets], partition_key=key, resources={"project": project}, instance=instance, raise_on_error=False
+        [clip_assets],
+        partition_key=key,
+        resources={"project": project},
+        instance=instance,
+        raise_on_error=False,
     )
 
 
@@ -114,7 +117,7 @@ def test_one_batch_fails_its_bad_clips_alone_and_materializes_the_rest(instance,
     # The good clips of the same batch are materialized, the bad ones' partitions show failed.
     done, failed = _partition_status(instance, LATENTS)
     assert done == set(keys) - bad and failed == bad
-    raw_done, raw_failed = _partition_status(instance, RAW_VIDEOS)
+    _raw_done, raw_failed = _partition_status(instance, RAW_VIDEOS)
     assert raw_failed == {k for k in bad if Path(k).stem in {"corrupt", "empty", "not_video"}}
     # raw_videos' `path` is the clip itself, and the encoders loaded once for the batch.
     mat = instance.fetch_materializations(RAW_VIDEOS, limit=1).records[0].asset_materialization
@@ -143,8 +146,10 @@ def test_one_batch_fails_its_bad_clips_alone_and_materializes_the_rest(instance,
     again = run_clip(instance, project, key)
     assert again.success
     mat = again.asset_materializations_for_node("clip_assets")
-    latents_mat = [m for m in mat if m.asset_key == LATENTS][0]
-    assert latents_mat.metadata["vae_calls"].value == 0 and latents_mat.metadata["text_encoder_calls"].value == 0
+    latents_mat = next(m for m in mat if m.asset_key == LATENTS)
+    assert (
+        latents_mat.metadata["vae_calls"].value == 0 and latents_mat.metadata["text_encoder_calls"].value == 0
+    )
     assert _latest(instance, key) == before
     assert not any(ENCODERS_LOADED in (e.message or "") for e in instance.all_logs(again.run_id))
 

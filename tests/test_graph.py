@@ -58,7 +58,9 @@ def test_training_reports_transitions_plot_and_live_observations(graph) -> None:
         assert meta["steps"].value == 300
         rows = meta["phase_transitions"].value.records
         assert {r.data["expert"] for r in rows} == {"high_noise", "low_noise"}
-        assert all(r.data["to_phase"] == "emphasis" and "loss_samples=" in r.data["criteria"] for r in rows)
+        # Narrow rows: the phase and alpha change in one cell each, the criteria summarised.
+        assert all(r.data["phase"].endswith("-> emphasis") and " passed" in r.data["criteria"] for r in rows)
+        assert set(rows[0].data) == {"step", "expert", "phase", "alpha", "forced", "criteria"}
         with Image.open(meta["loss_plot"].value) as plot:
             assert plot.format == "PNG" and plot.size[0] > 300
         assert meta["loss_plot_preview"].value.startswith("![loss per expert](data:image/png;base64,")
@@ -73,6 +75,11 @@ def test_training_reports_transitions_plot_and_live_observations(graph) -> None:
     assert {"loss_ema_50", "gradient_stability_avg", "phase", "conv_alpha", "eta_s"} <= set(
         progress[-1].asset_observation.metadata
     )
+    # Told apart at a glance: the event list shows each observation's description.
+    assert transitions[0].asset_observation.description.startswith("phase transition at step")
+    assert progress[-1].asset_observation.description.startswith("progress: step")
+    loss = progress[-1].asset_observation.metadata["loss"].value
+    assert loss == float(f"{loss:.4g}")  # rounded to 4 significant digits
     checks = instance.event_log_storage.get_event_records(
         EventRecordsFilter(event_type=DagsterEventType.ASSET_CHECK_EVALUATION), limit=20
     )

@@ -1,7 +1,9 @@
 """Automation (docs/architecture.md §4, §11): new clips flow through on their own, training follows the data nightly.
 
-- the new-clip sensor adds partitions and runs each new or changed clip's per-clip assets;
-- captions/latents re-run when their upstream changes (eager), the latent index follows its clips;
+- the new-clip sensor adds partitions and runs the per-clip assets of new or changed clips (clip
+  bytes or caption file) in batches; it is their only trigger, so a clip never runs alone by
+  accident and a failed clip is not retried until its files change;
+- the latent index follows its clips;
 - the LoRAs retrain when the latent cache changed, on a cron tick (WAN_ASSETS_RETRAIN_CRON,
   default 02:00 nightly), or whenever materialized by hand;
 - evaluation runs after training (eager) and on its own schedule (WAN_ASSETS_EVAL_CRON).
@@ -24,8 +26,6 @@ from dagster import (
 DEFAULT_RETRAIN_CRON = "0 2 * * *"
 DEFAULT_EVAL_CRON = "0 6 * * *"
 
-# Per-clip assets downstream of raw_videos re-run when their upstream changes.
-PER_CLIP = AutomationCondition.eager()
 # The index follows its clips, also when some clips failed (eager() would wait on missing ones).
 INDEX = (
     AutomationCondition.any_deps_updated().since_last_handled()

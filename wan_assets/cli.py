@@ -151,7 +151,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_ui(args: argparse.Namespace) -> int:
     from wan_assets.ui import serve  # lazy: keeps the other commands from importing dagster
 
-    serve(args.workdir, host=args.host, port=args.port)
+    if args.config is not None:  # a bad job file is one line here, not a broken code location
+        load_config(args.config, workdir=Workdir.open(args.workdir).root)
+    serve(args.workdir, host=args.host, port=args.port, config=args.config)
     return 0
 
 
@@ -215,6 +217,12 @@ def _parser() -> argparse.ArgumentParser:
     p = add("sql", cmd_sql, "read-only SQL over the metrics database, printed as a table")
     p.add_argument("query")
     p = add("ui", cmd_ui, "Dagster UI + daemon; every request needs $WAN_ASSETS_AUTH when it is set")
+    p.add_argument(
+        "config",
+        nargs="?",
+        default=None,
+        help="the job file (default: $WAN_ASSETS_CONFIG, else the tiny demo)",
+    )
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
     p.add_argument("--port", type=int, default=3000)
     p = add("tiny-model", cmd_tiny_model, "write the embedded tiny Wan 2.2 I2V model to DIR")

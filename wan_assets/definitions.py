@@ -25,7 +25,7 @@ from wan_assets.automation import (
     train_and_evaluate,
 )
 from wan_assets.core.workdir import TINY_CONFIG
-from wan_assets.sensors import new_clips_sensor_for
+from wan_assets.sensors import clip_batches_job, new_clips_sensor_for
 
 
 @dataclass(frozen=True)
@@ -75,6 +75,6 @@ defs = Definitions(
     assets=ASSETS,
     sensors=[new_clips_sensor_for(SETTINGS.batch_clips), automation_sensor],
     schedules=[evaluation_schedule(SETTINGS.eval_cron)],
-    jobs=[train_and_evaluate],
+    jobs=[train_and_evaluate, clip_batches_job],
     resources=resources(SETTINGS),
 )

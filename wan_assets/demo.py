@@ -58,7 +58,7 @@ def sync_partitions(instance: DagsterInstance, project: WanProjectResource) -> l
         elif isinstance(request, DeleteDynamicPartitionsRequest):
             for key in request.partition_keys:
                 instance.delete_dynamic_partition(request.partitions_def_name, key)
-    order = instance.get_dynamic_partitions("videos")
+    order = list(instance.get_dynamic_partitions("videos"))
     return [requested_keys(r, order) for r in result.run_requests or ()]
 
 
@@ -104,7 +104,9 @@ def run_demo(
     rest = [a for a in ASSETS if a.partitions_def is None]
     with DagsterInstance.get() as instance:
         runs = sync_partitions(instance, project)
-        say(f"clips: {len(instance.get_dynamic_partitions('videos'))} in the dataset, {sum(map(len, runs))} new or changed")
+        say(
+            f"clips: {len(instance.get_dynamic_partitions('videos'))} in the dataset, {sum(map(len, runs))} new or changed"
+        )
         for i, keys in enumerate(runs, 1):
             began = time.perf_counter()
             _, failed = materialize_batch(per_clip, keys, all_resources, instance)

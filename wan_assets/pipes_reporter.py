@@ -120,24 +120,45 @@ def _table(rows: list[dict], types: dict[str, str]) -> dict:
 TRANSITION_COLUMNS = {
     "step": "int",
     "expert": "string",
-    "from_phase": "string",
-    "to_phase": "string",
-    "from_alpha": "float",
-    "to_alpha": "float",
+    "phase": "string",
+    "alpha": "string",
     "forced": "bool",
     "criteria": "string",
 }
 
 
+def rounded(value, digits: int = 4):
+    """Floats to `digits` significant digits (what a person reads); anything else unchanged."""
+    if isinstance(value, float) and value == value and value not in (float("inf"), float("-inf")):
+        return float(f"{value:.{digits}g}")
+    return value
+
+
+def criteria_summary(criteria: list[dict]) -> str:
+    """One short line: how many exit criteria passed, and each failing one with its value and bar."""
+    failing = [c for c in criteria if not c["passed"]]
+    head = f"{len(criteria) - len(failing)}/{len(criteria)} passed"
+    if not failing:
+        return head
+    shown = ", ".join(
+        f"{c['name']}={rounded(c['value'])} (needs {c['op']} {rounded(c['threshold'])})" for c in failing
+    )
+    return f"{head}; failing: {shown}"
+
+
 def transition_rows(transitions: list[dict]) -> list[dict]:
-    rows = []
-    for t in transitions:
-        criteria = "; ".join(
-            f"{c['name']}={c['value'] if c['value'] is None else round(c['value'], 6)} {c['op']} {c['threshold']}"
-            for c in t["criteria"]
-        )
-        rows.append({**t, "criteria": criteria})
-    return rows
+    """The transition table: one narrow row per phase change (full criteria: DuckDB phase_transitions)."""
+    return [
+        {
+            "step": t["step"],
+            "expert": t["expert"],
+            "phase": f"{t['from_phase']} -> {t['to_phase']}",
+            "alpha": f"{t['from_alpha']:g} -> {t['to_alpha']:g}",
+            "forced": t["forced"],
+            "criteria": criteria_summary(t["criteria"]),
+        }
+        for t in transitions
+    ]
 
 
 def materialization_metadata(summary: RunSummary, expert: str) -> dict:
@@ -146,13 +167,13 @@ def materialization_metadata(summary: RunSummary, expert: str) -> dict:
         "run_id": {"type": "text", "raw_value": summary.run_id or ""},
         "steps": {"type": "int", "raw_value": summary.steps},
         "expert_steps": {"type": "int", "raw_value": mine.steps},
-        "final_loss": {"type": "float", "raw_value": mine.final_loss},
-        "loss_ema_10": {"type": "float", "raw_value": mine.loss_ema_10},
-        "loss_ema_50": {"type": "float", "raw_value": mine.loss_ema_50},
-        "loss_ema_100": {"type": "float", "raw_value": mine.loss_ema_100},
-        "gradient_stability_avg": {"type": "float", "raw_value": mine.gradient_stability_avg},
+        "final_loss": {"type": "float", "raw_value": rounded(mine.final_loss)},
+        "loss_ema_10": {"type": "float", "raw_value": rounded(mine.loss_ema_10)},
+        "loss_ema_50": {"type": "float", "raw_value": rounded(mine.loss_ema_50)},
+        "loss_ema_100": {"type": "float", "raw_value": rounded(mine.loss_ema_100)},
+        "gradient_stability_avg": {"type": "float", "raw_value": rounded(mine.gradient_stability_avg)},
         "phase": {"type": "text", "raw_value": mine.phase or ""},
-        "alpha": {"type": "float", "raw_value": mine.alpha},
+        "alpha": {"type": "float", "raw_value": rounded(mine.alpha)},
         "phase_transitions": _table(transition_rows(summary.transitions), TRANSITION_COLUMNS),
         "checkpoints": {
             "type": "json",

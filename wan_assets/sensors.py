@@ -12,12 +12,15 @@ import json
 
 from dagster import (
     AddDynamicPartitionsRequest,
+    AssetSelection,
     DefaultSensorStatus,
     DeleteDynamicPartitionsRequest,
     RunRequest,
     SensorDefinition,
     SensorEvaluationContext,
     SensorResult,
+    define_asset_job,
+    in_process_executor,
     sensor,
 )
 from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
@@ -27,6 +30,15 @@ from wan_assets.assets.data import DEFAULT_BATCH_CLIPS, PER_CLIP_KEYS, VIDEOS
 from wan_assets.core.data.captions import caption_path
 
 PER_CLIP_ASSETS = list(PER_CLIP_KEYS)
+
+# The sensor's batch runs execute in the run's own process: one batch is one step, so a step
+# subprocess would only load Python, torch and the code location a second time per run.
+clip_batches_job = define_asset_job(
+    "clip_batches",
+    selection=AssetSelection.assets(*PER_CLIP_KEYS),
+    executor_def=in_process_executor,
+    description="raw_videos, captions and latents of a batch of clips (the new-clip sensor's runs)",
+)
 
 
 def _stamp(path, caption) -> list[int]:
@@ -57,10 +69,9 @@ def batch_request(keys: list[str], stamps: dict[str, list[int]]) -> RunRequest:
     """One run for these consecutive clip partitions; its run key changes when any of their files do."""
     digest = hashlib.sha256(json.dumps([[k, stamps[k]] for k in keys]).encode()).hexdigest()[:16]
     if len(keys) == 1:
-        return RunRequest(run_key=f"{keys[0]}:{digest}", partition_key=keys[0], asset_selection=PER_CLIP_ASSETS)
+        return RunRequest(run_key=f"{keys[0]}:{digest}", partition_key=keys[0])
     return RunRequest(
         run_key=f"{keys[0]}..{keys[-1]}:{digest}",
-        asset_selection=PER_CLIP_ASSETS,
         tags={ASSET_PARTITION_RANGE_START_TAG: keys[0], ASSET_PARTITION_RANGE_END_TAG: keys[-1]},
     )
 
@@ -80,7 +91,7 @@ def new_clips_sensor_for(batch_clips: int = DEFAULT_BATCH_CLIPS) -> SensorDefini
         default_status=DefaultSensorStatus.RUNNING,
         description=f"Adds a partition per new clip, runs new and changed clips in batches of up to "
         f"{batch_clips}, removes deleted ones",
-        asset_selection=PER_CLIP_ASSETS,
+        job=clip_batches_job,
     )
     def new_clips_sensor(context: SensorEvaluationContext, project: WanProjectResource) -> SensorResult:
         previous: dict[str, list[int]] = json.loads(context.cursor) if context.cursor else {}

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ipaddress
+import logging
 import os
 import signal
 import subprocess
@@ -32,7 +33,7 @@ from dagster_webserver.cli import (
 from dagster_webserver.version import __version__
 
 from wan_assets.core.workdir import Workdir
-from wan_assets.ui_auth import TokenAuth
+from wan_assets.ui_auth import RefusedWebsocketFilter, TokenAuth
 
 REPO = Path(__file__).resolve().parents[1]
 WORKSPACE_YAML = REPO / "workspace.yaml"
@@ -52,7 +53,19 @@ run_monitoring:
   enabled: true
   # A run that dies without releasing its pool slots gives them back this long after it ends.
   free_slots_after_run_end_seconds: 30
+retention:
+  # Sensor and automation ticks (every 30 s) are purged; runs are kept: they hold the lineage.
+  schedule:
+    purge_after_days: 90
+  sensor:
+    purge_after_days: {skipped: 1, failure: 30, success: 7}
+  auto_materialize:
+    purge_after_days: {skipped: 1, failure: 30, success: 7}
 concurrency:
+  runs:
+    # Runs executing at once (each is a process; a clip batch run loads its encoders once); more
+    # wait in the queue.
+    max_concurrent_runs: 4
   pools:
     # Limits are per step (op), so a `gpu` slot is held only while a GPU step runs.
     granularity: op
@@ -62,12 +75,16 @@ concurrency:
 
 
 def serve(
-    workdir: str | Path | None, host: str = "127.0.0.1", port: int = 3000, token: str | None = None
+    workdir: str | Path | None,
+    host: str = "127.0.0.1",
+    port: int = 3000,
+    token: str | None = None,
+    config: str | Path | None = None,
 ) -> None:
     """Serve the Dagster UI for `workdir` on host:port, with the daemon, until SIGTERM or SIGINT.
 
     `workdir` None is the default workdir; `token` None reads $WAN_ASSETS_AUTH; an empty token means
-    no auth.
+    no auth; `config` (the job file) None keeps $WAN_ASSETS_CONFIG, else the tiny demo config.
     """
     token = os.environ.get("WAN_ASSETS_AUTH") if token is None else token
     workspace = workspace_yaml()
@@ -77,6 +94,8 @@ def serve(
     # The daemon and the code servers (children of both) read these: one workdir for everything.
     os.environ["DAGSTER_HOME"] = str(home)
     os.environ["WAN_ASSETS_HOME"] = str(root.root)
+    if config is not None:
+        os.environ["WAN_ASSETS_CONFIG"] = str(Path(config).resolve())
     if not token and not is_loopback(host):
         print(
             f"warning: serving on {host} without WAN_ASSETS_AUTH: anyone who reaches it can run jobs",
@@ -213,4 +232,14 @@ def serve_webserver(
     with WorkspaceProcessContext(instance, version=__version__, workspace_load_target=target) as context:
         app = create_app_from_workspace_process_context(context)
         print(f"Dagster UI: http://{host}:{port}" + (" (token required)" if token else ""), file=sys.stderr)
-        uvicorn.run(TokenAuth(app, token) if token else app, host=host, port=port, log_level="warning")
+        if not token:
+            uvicorn.run(app, host=host, port=port, log_level="warning")
+            return
+        auth = TokenAuth(app, token)
+        refused = RefusedWebsocketFilter(auth)
+        logger = logging.getLogger("uvicorn.error")
+        logger.addFilter(refused)
+        try:
+            uvicorn.run(auth, host=host, port=port, log_level="warning")
+        finally:
+            logger.removeFilter(refused)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 import secrets
 from urllib.parse import parse_qs
 
@@ -22,6 +23,9 @@ LOGIN_PATH = "/login"
 # A login form carries one short field; a larger body is not a login and is not read further.
 MAX_LOGIN_BODY_BYTES = 4096
 WS_CLOSE_UNAUTHORIZED = 4401
+# What uvicorn's websockets protocol logs at ERROR after any handshake refused with an HTTP response
+# (it counts only an accepted handshake as complete), so also after each 401 of ours.
+UVICORN_REFUSED_HANDSHAKE = "ASGI callable returned without completing handshake."
 CHALLENGE = {"WWW-Authenticate": 'Bearer realm="wan-assets"', "Cache-Control": "no-store"}
 
 LOGIN_PAGE = """<!doctype html>
@@ -55,6 +59,7 @@ class TokenAuth:
         self._key = secrets.token_bytes(32)
         self._expected = self._digest(token)
         self.cookie_value = self._expected.hex()
+        self.refused_websockets = 0  # refused handshakes whose uvicorn ERROR line is still to come
 
     def _digest(self, value: str) -> bytes:
         return hmac.new(self._key, value.encode("utf-8", "surrogateescape"), hashlib.sha256).digest()
@@ -99,6 +104,7 @@ class TokenAuth:
             # Servers that support it (uvicorn does) let the handshake fail with a real 401.
             await send({"type": "websocket.http.response.start", "status": 401, "headers": []})
             await send({"type": "websocket.http.response.body", "body": b"401 unauthorized\n"})
+            self.refused_websockets += 1
         else:
             await send({"type": "websocket.close", "code": WS_CLOSE_UNAUTHORIZED})
 
@@ -140,3 +146,18 @@ async def _form_field(receive: Receive, name: str) -> str:
             return ""
     values = parse_qs(body.decode("utf-8", "replace"), max_num_fields=8)
     return values.get(name, [""])[0]
+
+
+class RefusedWebsocketFilter(logging.Filter):
+    """Drops uvicorn's ERROR line for a websocket that `auth` refused with a 401 (one line per
+    refusal, so the same message for any other handshake still reaches the log)."""
+
+    def __init__(self, auth: TokenAuth) -> None:
+        super().__init__()
+        self.auth = auth
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if self.auth.refused_websockets and record.getMessage() == UVICORN_REFUSED_HANDSHAKE:
+            self.auth.refused_websockets -= 1
+            return False
+        return True

@@ -12,7 +12,6 @@ partitions failed (planned in a failed run, never materialized) while the batch'
 materialized. Re-running one clip is materializing its one partition.
 """
 
-
 import hashlib
 from collections import deque
 from collections.abc import Iterator
@@ -49,7 +48,7 @@ from dagster._core.definitions.data_version import (
 )
 
 from resources.project import WanProjectResource
-from wan_assets.automation import INDEX, PER_CLIP
+from wan_assets.automation import INDEX
 from wan_assets.core.config import JobConfig
 from wan_assets.core.data.cache import (
     CLIP_ERRORS,
@@ -163,7 +162,11 @@ def _materialization(
     key: AssetKey, partition: str, version: str, inputs: dict[AssetKey, str], metadata: dict
 ) -> AssetMaterialization:
     """One clip's materialization, with the data-version provenance Dagster's own outputs carry."""
-    tags = {CODE_VERSION_TAG: CODE_VERSION, DATA_VERSION_TAG: version, DATA_VERSION_IS_USER_PROVIDED_TAG: "true"}
+    tags = {
+        CODE_VERSION_TAG: CODE_VERSION,
+        DATA_VERSION_TAG: version,
+        DATA_VERSION_IS_USER_PROVIDED_TAG: "true",
+    }
     for dep, dep_version in inputs.items():
         tags[get_input_data_version_tag(dep)] = dep_version
         tags[get_input_event_pointer_tag(dep)] = NULL_EVENT_POINTER
@@ -234,7 +237,6 @@ def _events(outcome: ClipOutcome, wanted: frozenset[AssetKey]) -> Iterator[Asset
             group_name="data",
             code_version=CODE_VERSION,
             skippable=True,
-            # No automation condition: the new-clip sensor requests batches of new and changed files.
             description="One video clip under a dataset folder: probed with PyAV (fps, frames, size, "
             "codec), its sha256 the data version, so a re-encoded or replaced file flows downstream "
             "and an untouched one does not.",
@@ -245,7 +247,6 @@ def _events(outcome: ClipOutcome, wanted: frozenset[AssetKey]) -> Iterator[Asset
             group_name="data",
             code_version=CODE_VERSION,
             skippable=True,
-            automation_condition=PER_CLIP,
             description="The clip's sidecar caption (`caption_ext`), with `[trigger]` / `[name]` "
             "replaced by the trigger word (prepended when absent), or `default_caption` when the "
             "file is missing.",
@@ -256,7 +257,6 @@ def _events(outcome: ClipOutcome, wanted: frozenset[AssetKey]) -> Iterator[Asset
             group_name="data",
             code_version=CODE_VERSION,
             skippable=True,
-            automation_condition=PER_CLIP,
             description="VAE latents of the sampled frames (normalised), the I2V condition (mask + "
             "first-frame latent) and UMT5 embeddings of the caption and the empty caption, in "
             "content-addressed safetensors. Unchanged inputs find their files and encode nothing; "
@@ -272,6 +272,7 @@ def _events(outcome: ClipOutcome, wanted: frozenset[AssetKey]) -> Iterator[Asset
         )
     ],
     partitions_def=videos,
+    # No automation conditions: the new-clip sensor requests batches of new and changed clips.
     backfill_policy=clip_batches(),
     can_subset=True,
 )
@@ -301,7 +302,9 @@ def clip_assets(context: AssetExecutionContext, project: WanProjectResource):
                 empty.append(outcome.source.key)
             if outcome.failed_at is not None:
                 failures[outcome.source.key] = outcome.reason
-                context.log.error(f"clip {outcome.source.key} failed at {outcome.failed_at.to_user_string()}: {outcome.reason}")
+                context.log.error(
+                    f"clip {outcome.source.key} failed at {outcome.failed_at.to_user_string()}: {outcome.reason}"
+                )
             else:
                 done += 1
         loaded = encoder.loaded

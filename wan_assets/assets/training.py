@@ -31,21 +31,44 @@ from wan_assets.core.experts import EXPERTS
 from wan_assets.core.metrics.summary import summarize
 from wan_assets.core.train.run_files import RunFiles
 from wan_assets.metadata import table_metadata
-from wan_assets.pipes_reporter import asset_key
+from wan_assets.pipes_reporter import asset_key, criteria_summary, rounded
 
 LORA_KEYS = {expert: AssetKey(asset_key(expert)) for expert in EXPERTS}
 
 
 def _observation(message: dict) -> AssetObservation | None:
+    """A progress tick or a phase transition of the running trainer, labelled as which it is."""
     kind = message.get("kind")
     expert = message.get("expert")
     if expert not in LORA_KEYS:
         return None
-    metadata = {k: v for k, v in message.items() if k != "criteria" and v is not None}
     if kind == "transition":
-        metadata["event"] = "alpha phase transition"
-        metadata["criteria"] = MetadataValue.json(message["criteria"])
-    return AssetObservation(asset_key=LORA_KEYS[expert], metadata=metadata)
+        description = f"phase transition at step {message['step']}: {describe_transition(message)}"
+        metadata = {
+            "kind": "transition",
+            "event": "alpha phase transition",
+            "step": message["step"],
+            "expert": expert,
+            "phase": f"{message['from_phase']} -> {message['to_phase']}",
+            "alpha": f"{message['from_alpha']:g} -> {message['to_alpha']:g}",
+            "forced": message["forced"],
+            "criteria": criteria_summary(message["criteria"]),
+        }
+    else:
+        description = f"progress: step {message.get('step')}"
+        metadata = {"kind": "progress", "event": "progress"}
+        metadata |= {
+            k: rounded(v) for k, v in message.items() if k not in ("kind", "criteria") and v is not None
+        }
+    return AssetObservation(asset_key=LORA_KEYS[expert], description=description, metadata=metadata)
+
+
+def describe_transition(message: dict) -> str:
+    forced = ", forced" if message["forced"] else ""
+    return (
+        f"{message['expert']} {message['from_phase']} -> {message['to_phase']} "
+        f"(alpha {message['from_alpha']:g} -> {message['to_alpha']:g}{forced})"
+    )
 
 
 @multi_asset(
@@ -94,7 +117,7 @@ def lora_training(context: AssetExecutionContext, project: WanProjectResource, l
             passed=finite,
             severity=AssetCheckSeverity.ERROR,
             metadata={
-                "final_loss": mine.final_loss or float("nan"),
+                "final_loss": rounded(mine.final_loss) if mine.final_loss is not None else float("nan"),
                 "skipped": MetadataValue.json(summary.skipped),
             },
         )
@@ -127,9 +150,9 @@ def evaluated_checkpoints(context: AssetExecutionContext, project: WanProjectRes
     metadata: dict[str, Any] = {
         "checkpoints": table_metadata(report.table()),
         "best_step": best,
-        "best_val_loss": means[best],
-        "base_val_loss": means[0],
-        "improvement": (means[0] - means[best]) / means[0] if means[0] else 0.0,
+        "best_val_loss": rounded(means[best]),
+        "base_val_loss": rounded(means[0]),
+        "improvement": rounded((means[0] - means[best]) / means[0] if means[0] else 0.0),
         "samples": MetadataValue.json({str(k): [str(p) for p in v] for k, v in report.samples.items()}),
     }
     if report.contact_sheet is not None:
@@ -141,7 +164,11 @@ def evaluated_checkpoints(context: AssetExecutionContext, project: WanProjectRes
         check_name="beats_base_model",
         passed=report.beats_base,
         severity=AssetCheckSeverity.ERROR,
-        metadata={"best_step": best, "best_val_loss": means[best], "base_val_loss": means[0]},
+        metadata={
+            "best_step": best,
+            "best_val_loss": rounded(means[best]),
+            "base_val_loss": rounded(means[0]),
+        },
     )
 
 

@@ -111,7 +111,9 @@ def evaluate_run(job: JobConfig, cache_dir: Path, *, device: torch.device | None
         if validation.num_samples > 0:
             report.samples[step] = _samples(model, job, index, files, step, device)
     if report.samples:
-        report.contact_sheet = contact_sheet(report.samples, files.root / "eval" / "contact_sheet.png")
+        report.contact_sheet = contact_sheet(
+            report.samples, files.root / "eval" / "contact_sheet.png", losses=report.mean_by_step()
+        )
     write_json(scores_path(files), [asdict(s) for s in report.scores])
     return report
 
@@ -153,22 +155,36 @@ def _samples(
 
 
 def contact_sheet(
-    samples: dict[int, list[Path]], out: Path, *, frames_per_row: int = 5, tile: int = 96
+    samples: dict[int, list[Path]],
+    out: Path,
+    *,
+    losses: dict[int, float] | None = None,
+    frames_per_row: int = 5,
+    tile: int = 96,
 ) -> Path:
-    """One row per (checkpoint, clip): evenly spaced frames, labelled with the step."""
+    """One row per (checkpoint, clip): evenly spaced frames. Each row is labelled with the step, the
+    checkpoint's mean validation loss (`losses`, by step) and the clip; each column with its frame."""
     rows = [(step, path) for step, paths in sorted(samples.items()) for path in paths]
-    label_w = 90
-    sheet = Image.new("RGB", (label_w + frames_per_row * tile, len(rows) * tile), "white")
+    label_w, header_h = 110, 18
+    sheet = Image.new("RGB", (label_w + frames_per_row * tile, header_h + len(rows) * tile), "white")
     draw = ImageDraw.Draw(sheet)
+    columns: list[int] = []
     for r, (step, path) in enumerate(rows):
         video = read_frames(path, list(range(_count(path))))
         picks = np.linspace(0, len(video) - 1, frames_per_row).round().astype(int)
+        columns = columns or [int(i) for i in picks]
+        top = header_h + r * tile
         for c, i in enumerate(picks):
             frame = Image.fromarray(video[i])
             frame.thumbnail((tile, tile))
-            sheet.paste(frame, (label_w + c * tile, r * tile))
-        draw.text((4, r * tile + 4), "base" if step == 0 else f"step {step}", fill="black")
-        draw.text((4, r * tile + 20), Path(path).stem.split("_", 1)[1][:12], fill="gray")
+            sheet.paste(frame, (label_w + c * tile, top))
+        draw.text((4, top + 4), "base model" if step == 0 else f"step {step}", fill="black")
+        if losses and step in losses:
+            draw.text((4, top + 20), f"val loss {losses[step]:.4f}", fill="black")
+        draw.text((4, top + 36), Path(path).stem.split("_", 1)[1][:16], fill="gray")
+    draw.text((4, 3), "checkpoint", fill="gray")
+    for c, i in enumerate(columns):
+        draw.text((label_w + c * tile + 4, 3), f"frame {i}", fill="gray")
     with atomic_output(out) as tmp:
         sheet.save(tmp, format="PNG")
     return out
