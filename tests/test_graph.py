@@ -23,7 +23,7 @@ from resources.project import WanProjectResource
 from wan_assets.assets.training import evaluated_checkpoints
 from wan_assets.core.metrics.report import query
 from wan_assets.definitions import ASSETS, resources
-from wan_assets.demo import materialize_batch, sync_partitions
+from wan_assets.demo import demo_job, materialize_batch, sync_partitions
 
 from .conftest import CONFIGS, REPO
 
@@ -38,8 +38,9 @@ def graph(tmp_path_factory: pytest.TempPathFactory, clips_dir: Path, tiny_model_
     all_resources = {**resources(), "project": project}
     with instance_for_test() as instance:
         per_clip = [a for a in ASSETS if a.partitions_def is not None]
+        job = demo_job(ASSETS, all_resources)
         for keys in sync_partitions(instance, project):  # the sensor's batches
-            run, failed = materialize_batch(per_clip, keys, all_resources, instance)
+            run, failed = materialize_batch(job, keys, instance)
             assert run.success and not failed, failed
         rest = [a for a in ASSETS if a.partitions_def is None]
         result = materialize([*per_clip, *rest], selection=rest, resources=all_resources, instance=instance)

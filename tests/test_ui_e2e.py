@@ -44,11 +44,21 @@ def test_dropped_clip_is_materialized_by_the_sensor(
         **os.environ,
         "WAN_ASSETS_AUTH": TOKEN,
         "WAN_ASSETS_HOME": str(workdir),
-        "WAN_ASSETS_CONFIG": str(config),
         "DAGSTER_HOME": str(workdir / "dagster"),
     }
     log = tmp_path / "ui.log"
-    command = [sys.executable, "-m", "wan_assets.cli", "ui", "--port", str(port), "--workdir", str(workdir)]
+    env.pop("WAN_ASSETS_CONFIG", None)  # the job file is the argument, as for every other command
+    command = [
+        sys.executable,
+        "-m",
+        "wan_assets.cli",
+        "ui",
+        str(config),
+        "--port",
+        str(port),
+        "--workdir",
+        str(workdir),
+    ]
     server = start_server(command, env, port, log)
     process = server.process
     try:

@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from dagster import Definitions
+from dagster import Definitions, in_process_executor
 
 from resources.launcher import TrainingLauncher
 from resources.project import WanProjectResource
@@ -77,4 +77,8 @@ defs = Definitions(
     schedules=[evaluation_schedule(SETTINGS.eval_cron)],
     jobs=[train_and_evaluate, clip_batches_job],
     resources=resources(SETTINGS),
+    # Every run here is a chain of steps (clips -> index -> training -> evaluation -> metrics) and
+    # training itself runs out of process (Pipes): a subprocess per step would only re-import
+    # Python, torch and this code location. Pools (`gpu`) still apply per step.
+    executor=in_process_executor,
 )

@@ -6,6 +6,7 @@ then the index, training, evaluation and metrics. It prints one progress line pe
 Dagster's event stream (that is in the instance, for the UI).
 """
 
+import logging
 import os
 import sys
 import time
@@ -16,24 +17,53 @@ from pathlib import Path
 
 from dagster import (
     AddDynamicPartitionsRequest,
-    AssetsDefinition,
+    AssetKey,
     BetaWarning,
     DagsterInstance,
+    Definitions,
     DeleteDynamicPartitionsRequest,
     ExecuteInProcessResult,
+    InitLoggerContext,
+    JobDefinition,
     PreviewWarning,
     SensorResult,
     build_sensor_context,
-    materialize,
+    in_process_executor,
+    logger,
 )
+from dagster._core.log_manager import LOG_RECORD_METADATA_ATTR
 from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
 
 from resources.project import WanProjectResource
 from wan_assets.core.workdir import TINY_CONFIG, Workdir
 
-# Dagster's own console logger only speaks up for what would stop the demo anyway; every event is
-# still stored in the instance and shown by `wan-assets ui`.
-QUIET = {"loggers": {"console": {"config": {"log_level": "CRITICAL"}}}}
+
+class _StepLines(logging.Filter):
+    """What the steps themselves say at INFO and WARNING (training progress, phase transitions,
+    a batch's summary), as bare lines; Dagster's own events and the bad clips' ERROR lines (the
+    summary lists those) stay in the instance for `wan-assets ui`."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        meta = getattr(record, LOG_RECORD_METADATA_ATTR, None)
+        if not meta or meta.get("dagster_event") is not None or record.levelno >= logging.ERROR:
+            return False
+        record.msg, record.args = f"    {meta['orig_message']}", ()
+        return True
+
+
+@logger(
+    config_schema=None,
+    description="The demo's console: the steps' own progress lines, nothing of Dagster's event stream",
+)
+def demo_console(_: InitLoggerContext) -> logging.Logger:
+    out = logging.getLogger("wan_assets.demo")
+    out.setLevel(logging.INFO)
+    out.propagate = False
+    if not out.handlers:
+        handler = logging.StreamHandler(sys.stdout)
+        handler.addFilter(_StepLines())
+        out.addHandler(handler)
+    return out
 
 
 @dataclass
@@ -62,13 +92,23 @@ def sync_partitions(instance: DagsterInstance, project: WanProjectResource) -> l
     return [requested_keys(r, order) for r in result.run_requests or ()]
 
 
+def demo_job(assets: list, resources: dict) -> JobDefinition:
+    """Every asset in one job whose console is `demo_console` (runs execute in this process)."""
+    defs = Definitions(
+        assets=assets, resources=resources, loggers={"console": demo_console}, executor=in_process_executor
+    )
+    return defs.resolve_implicit_global_asset_job_def()
+
+
 def materialize_batch(
-    assets: list[AssetsDefinition], keys: list[str], resources: dict, instance: DagsterInstance
+    job: JobDefinition, keys: list[str], instance: DagsterInstance
 ) -> tuple[ExecuteInProcessResult, dict[str, str]]:
     """One run of the per-clip assets over the consecutive clips `keys`; the bad clips and reasons."""
+    from wan_assets.assets.data import PER_CLIP_KEYS
+
     tags = {ASSET_PARTITION_RANGE_START_TAG: keys[0], ASSET_PARTITION_RANGE_END_TAG: keys[-1]}
-    result = materialize(
-        assets, tags=tags, resources=resources, instance=instance, raise_on_error=False, run_config=QUIET
+    result = job.execute_in_process(
+        instance=instance, tags=tags, asset_selection=list(PER_CLIP_KEYS), raise_on_error=False
     )
     failed: dict[str, str] = {}
     for event in result.get_step_failure_events():
@@ -81,8 +121,12 @@ def materialize_batch(
     return result, failed
 
 
+def _say(line: str) -> None:
+    print(line, flush=True)  # in order with the step lines the demo console writes
+
+
 def run_demo(
-    workdir: Path | None = None, config: Path = TINY_CONFIG, say: Callable[[str], None] = print
+    workdir: Path | None = None, config: Path = TINY_CONFIG, say: Callable[[str], None] = _say
 ) -> DemoResult:
     """Materialize every asset, reporting progress through `say`. Failed clips do not stop the rest;
     a failed whole-graph step (index, training, evaluation, metrics) stops the ones after it."""
@@ -91,6 +135,9 @@ def run_demo(
 
     warnings.filterwarnings("ignore", category=BetaWarning)
     warnings.filterwarnings("ignore", category=PreviewWarning)
+    # Model loading and saving bars (here and in the trainer it starts) say nothing about the demo.
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    logging.getLogger("dagster").setLevel(logging.WARNING)  # the sensor tick's own INFO line
     wd = Workdir.open(workdir)
     wd.ensure_default_clips(config)
     wd.ensure_tiny_model()
@@ -100,8 +147,10 @@ def run_demo(
     project = WanProjectResource(config_path=str(config), workdir=str(wd.root))
     all_resources = {**resources(), "project": project}
     out = DemoResult(wd.root, project.job())
-    per_clip = [a for a in ASSETS if a.partitions_def is not None]
-    rest = [a for a in ASSETS if a.partitions_def is None]
+    job = demo_job(ASSETS, all_resources)
+    stages: list[list[AssetKey]] = [
+        list(a.keys) for a in ASSETS if a.partitions_def is None
+    ]  # index, training, evaluation, metrics: in graph order
     with DagsterInstance.get() as instance:
         runs = sync_partitions(instance, project)
         say(
@@ -109,25 +158,18 @@ def run_demo(
         )
         for i, keys in enumerate(runs, 1):
             began = time.perf_counter()
-            _, failed = materialize_batch(per_clip, keys, all_resources, instance)
+            _, failed = materialize_batch(job, keys, instance)
             out.failed_clips.update(failed)
             say(
                 f"  batch {i}/{len(runs)}: {len(keys) - len(failed)} of {len(keys)} clips cached"
                 + (f", {len(failed)} failed" if failed else "")
                 + f" ({time.perf_counter() - began:.1f}s)"
             )
-        for stage in rest:
-            names = ", ".join(k.to_user_string() for k in stage.keys)
+        for stage in stages:
+            names = ", ".join(k.to_user_string() for k in stage)
             began = time.perf_counter()
             say(f"{names} ...")
-            result = materialize(
-                [*per_clip, *rest],
-                selection=list(stage.keys),
-                resources=all_resources,
-                instance=instance,
-                raise_on_error=False,
-                run_config=QUIET,
-            )
+            result = job.execute_in_process(instance=instance, asset_selection=stage, raise_on_error=False)
             if not result.success:
                 reasons = [
                     (e.step_failure_data.error.message if e.step_failure_data.error else "").strip()
