@@ -117,6 +117,10 @@ def test_one_batch_fails_its_bad_clips_alone_and_materializes_the_rest(instance,
     # The good clips of the same batch are materialized, the bad ones' partitions show failed.
     done, failed = _partition_status(instance, LATENTS)
     assert done == set(keys) - bad and failed == bad
+    # Each failed partition carries its reason where its page shows it.
+    notes = instance.fetch_observations(LATENTS, limit=50).records
+    reasons = {r.partition_key: r.asset_observation.metadata["error"].value for r in notes}
+    assert set(reasons) == bad and "empty file" in reasons["bad/empty.mp4"]
     _raw_done, raw_failed = _partition_status(instance, RAW_VIDEOS)
     assert raw_failed == {k for k in bad if Path(k).stem in {"corrupt", "empty", "not_video"}}
     # raw_videos' `path` is the clip itself, and the encoders loaded once for the batch.

@@ -117,14 +117,7 @@ def _table(rows: list[dict], types: dict[str, str]) -> dict:
     }
 
 
-TRANSITION_COLUMNS = {
-    "step": "int",
-    "expert": "string",
-    "phase": "string",
-    "alpha": "string",
-    "forced": "bool",
-    "criteria": "string",
-}
+TRANSITION_COLUMNS = {"step": "int", "phase": "string", "criteria": "string"}
 
 
 def rounded(value, digits: int = 4):
@@ -147,15 +140,13 @@ def criteria_summary(criteria: list[dict]) -> str:
 
 
 def transition_rows(transitions: list[dict]) -> list[dict]:
-    """The transition table: one narrow row per phase change (full criteria: DuckDB phase_transitions)."""
+    """One expert's transition table: three narrow columns per phase change (every criterion with
+    its value: DuckDB `phase_transitions`)."""
     return [
         {
             "step": t["step"],
-            "expert": t["expert"],
-            "phase": f"{t['from_phase']} -> {t['to_phase']}",
-            "alpha": f"{t['from_alpha']:g} -> {t['to_alpha']:g}",
-            "forced": t["forced"],
-            "criteria": criteria_summary(t["criteria"]),
+            "phase": f"{t['from_phase']} -> {t['to_phase']} (alpha {t['from_alpha']:g} -> {t['to_alpha']:g})",
+            "criteria": ("forced; " if t["forced"] else "") + criteria_summary(t["criteria"]),
         }
         for t in transitions
     ]
@@ -174,10 +165,12 @@ def materialization_metadata(summary: RunSummary, expert: str) -> dict:
         "gradient_stability_avg": {"type": "float", "raw_value": rounded(mine.gradient_stability_avg)},
         "phase": {"type": "text", "raw_value": mine.phase or ""},
         "alpha": {"type": "float", "raw_value": rounded(mine.alpha)},
-        "phase_transitions": _table(transition_rows(summary.transitions), TRANSITION_COLUMNS),
+        "phase_transitions": _table(
+            transition_rows([t for t in summary.transitions if t["expert"] == expert]), TRANSITION_COLUMNS
+        ),
         "checkpoints": {
             "type": "json",
-            "raw_value": [str(p) for p in summary.checkpoints if expert in p.name],
+            "raw_value": [p.name for p in summary.checkpoints if expert in p.name],
         },
         "steps_per_s": {"type": "float", "raw_value": round(summary.steps_per_second, 3)},
         "config_hash": {"type": "text", "raw_value": summary.config_hash},

@@ -28,6 +28,7 @@ from dagster import (
     AssetExecutionContext,
     AssetKey,
     AssetMaterialization,
+    AssetObservation,
     AssetSpec,
     BackfillPolicy,
     DataVersion,
@@ -206,6 +207,20 @@ def latents_metadata(outcome: ClipOutcome) -> dict:
     }
 
 
+def _failure_notes(outcome: ClipOutcome, wanted: frozenset[AssetKey]) -> Iterator[AssetObservation]:
+    """Why a clip failed, on each wanted asset it did not reach: its partition's page shows the
+    reason (the instance keeps no per-partition failure event of its own)."""
+    assert outcome.failed_at is not None
+    for key in PER_CLIP_KEYS[PER_CLIP_KEYS.index(outcome.failed_at) :]:
+        if key in wanted:
+            yield AssetObservation(
+                asset_key=key,
+                partition=outcome.source.key,
+                description=f"failed: {outcome.reason}",
+                metadata={"error": outcome.reason, "failed_at": outcome.failed_at.to_user_string()},
+            )
+
+
 def _caption_version(caption: str) -> str:
     return hashlib.sha256(caption.encode()).hexdigest()
 
@@ -301,6 +316,7 @@ def clip_assets(context: AssetExecutionContext, project: WanProjectResource):
             if outcome.caption is not None and not outcome.caption.strip():
                 empty.append(outcome.source.key)
             if outcome.failed_at is not None:
+                yield from _failure_notes(outcome, wanted)
                 failures[outcome.source.key] = outcome.reason
                 context.log.error(
                     f"clip {outcome.source.key} failed at {outcome.failed_at.to_user_string()}: {outcome.reason}"

@@ -148,12 +148,18 @@ def evaluated_checkpoints(context: AssetExecutionContext, project: WanProjectRes
     means = report.mean_by_step()
     best = report.best_step
     metadata: dict[str, Any] = {
-        "checkpoints": table_metadata(report.table()),
+        # Validation loss per checkpoint step (0 = the base model), short column names.
+        "checkpoints": table_metadata(
+            [{k.removesuffix("_val_loss"): v for k, v in row.items()} for row in report.table()]
+        ),
         "best_step": best,
         "best_val_loss": rounded(means[best]),
         "base_val_loss": rounded(means[0]),
         "improvement": rounded((means[0] - means[best]) / means[0] if means[0] else 0.0),
-        "samples": MetadataValue.json({str(k): [str(p) for p in v] for k, v in report.samples.items()}),
+        "samples": MetadataValue.json({str(k): [p.name for p in v] for k, v in report.samples.items()}),
+        "samples_dir": MetadataValue.path(str(next(iter(report.samples.values()))[0].parent))
+        if report.samples and next(iter(report.samples.values()))
+        else "",
     }
     if report.contact_sheet is not None:
         metadata["contact_sheet"] = MetadataValue.path(str(report.contact_sheet))
