@@ -157,10 +157,10 @@ def evaluated_checkpoints(context: AssetExecutionContext, project: WanProjectRes
         "base_val_loss": rounded(means[0]),
         "improvement": rounded((means[0] - means[best]) / means[0] if means[0] else 0.0),
         "samples": MetadataValue.json({str(k): [p.name for p in v] for k, v in report.samples.items()}),
-        "samples_dir": MetadataValue.path(str(next(iter(report.samples.values()))[0].parent))
-        if report.samples and next(iter(report.samples.values()))
-        else "",
     }
+    written = [path for paths in report.samples.values() for path in paths]
+    if written:
+        metadata["samples_dir"] = MetadataValue.path(str(written[0].parent))
     if report.contact_sheet is not None:
         metadata["contact_sheet"] = MetadataValue.path(str(report.contact_sheet))
         metadata["contact_sheet_preview"] = MetadataValue.md(_inline_png(report.contact_sheet))
