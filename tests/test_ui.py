@@ -305,6 +305,10 @@ def test_server_refuses_websocket_without_token(server: Server) -> None:
         with pytest.raises(InvalidStatus) as refused:
             server.websocket(headers)
         assert refused.value.response.status_code == 401
+    # A refusal is the server doing its job, not an error in its log (uvicorn logs one by default).
+    time.sleep(0.5)
+    uvicorn_errors = [line for line in server.log.read_text().splitlines() if line.startswith("ERROR:")]
+    assert uvicorn_errors == []
 
 
 def test_server_serves_ui_and_graphql_with_bearer(server: Server) -> None:
