@@ -366,7 +366,6 @@ class ModelConfig(_Model):
         {
             "quantize_te",
             "qtype_te",
-            "extras_name_or_path",
             "assistant_lora_path",
             "inference_lora_path",
             "is_flux",
@@ -375,6 +374,15 @@ class ModelConfig(_Model):
     )
     name_or_path: str
     arch: Literal["wan22_14b_i2v"] = "wan22_14b_i2v"
+    # Where the parts come from (model/sources.py, docs/architecture.md §3.1). ai-toolkit's keys:
+    # extras_name_or_path (VAE, text encoder, tokenizer, scheduler; default name_or_path), vae_path,
+    # te_name_or_path (also read as text_encoder_path). This project's: one file or shard folder per
+    # expert. A file replaces that part of its root; its config still comes from the root.
+    extras_name_or_path: str | None = None
+    high_noise_path: str | None = None
+    low_noise_path: str | None = None
+    vae_path: str | None = None
+    te_name_or_path: str | None = Field(default=None, alias="text_encoder_path")
     # Weight-only quantization of the frozen experts (memory mode): qfloat8/float8 -> torchao fp8
     # weight-only, qint8/int8 -> int8 weight-only, uint4/int4 -> int4 weight-only (CUDA only). The
     # seed's "uint4|<accuracy recovery adapter>" form is accepted; the adapter part is not applied.
@@ -690,9 +698,7 @@ def _resolve_paths(job: JobConfig, base: Path, problems: list[str]) -> JobConfig
         validation = validation.model_copy(update={"folder_path": folder})
         if not folder.is_dir():
             problems.append(f"validation.folder_path: folder {folder} does not exist")
-    model = job.process.model
-    if _is_workdir_relative(model.name_or_path, base):
-        model = model.model_copy(update={"name_or_path": str(_under(base, Path(model.name_or_path)))})
+    model = _resolve_model_paths(job.process.model, base)
     process = job.process.model_copy(
         update={
             "datasets": datasets,
@@ -703,6 +709,23 @@ def _resolve_paths(job: JobConfig, base: Path, problems: list[str]) -> JobConfig
         }
     )
     return job.model_copy(update={"process": process})
+
+
+MODEL_FILE_KEYS = ("high_noise_path", "low_noise_path", "vae_path", "te_name_or_path")
+
+
+def _resolve_model_paths(model: ModelConfig, base: Path) -> ModelConfig:
+    """Roots as `_is_workdir_relative` tells folders from hub ids; part files always local."""
+    update: dict[str, str] = {}
+    for key in ("name_or_path", "extras_name_or_path"):
+        value = getattr(model, key)
+        if value is not None and _is_workdir_relative(value, base):
+            update[key] = str(_under(base, Path(value)))
+    for key in MODEL_FILE_KEYS:
+        value = getattr(model, key)
+        if value is not None:
+            update[key] = str(_under(base, Path(value)))
+    return model.model_copy(update=update)
 
 
 def _resolve_samples(sample: SampleConfig | None, base: Path) -> SampleConfig | None:

@@ -137,7 +137,7 @@ def build_parts(
             f"no latent cache at {index_file}; run `wan-assets cache` first (or materialize latent_cache)"
         )
     model = load_wan_model(
-        job.process.model.name_or_path,
+        job.process.model,
         dtype=compute_dtype,
         # A quantized expert is loaded in RAM and moves to the device block by block, quantized.
         device="cpu" if _offload(job) or job.process.model.quantize else device,
