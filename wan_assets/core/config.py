@@ -17,7 +17,15 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from wan_assets.core.experts import EXPERTS, Expert
 
@@ -445,6 +453,13 @@ class JobConfig(_Model):
     process: ProcessConfig
     meta: dict[str, Any] = Field(default_factory=dict)
     source: Path | None = None
+    # Key path -> the string as written, for every value that had `${VAR}` substituted; shared files
+    # (exported LoRAs) show these instead of the machine's values (model/metadata.py).
+    _templates: dict[str, str] = PrivateAttr(default_factory=dict)
+
+    @property
+    def templates(self) -> dict[str, str]:
+        return dict(self._templates)
 
     @property
     def experts(self) -> tuple[str, ...]:
@@ -497,8 +512,9 @@ def parse_config(raw: Any, *, source: Path | None = None, workdir: str | Path | 
     if unwrapped is None:
         raise ConfigError(problems, source=source)
     process_raw, name, meta = unwrapped
-    process_raw = _substitute(process_raw, name, problems)
-    meta = _substitute(meta, name, problems, "meta")
+    templates: dict[str, str] = {}
+    process_raw = _substitute(process_raw, name, problems, templates=templates)
+    meta = _substitute(meta, name, problems, "meta", templates=templates)
     inert: list[str] = []
     process_raw = _strip_inert(process_raw, ProcessConfig, "", inert)
     try:
@@ -506,6 +522,7 @@ def parse_config(raw: Any, *, source: Path | None = None, workdir: str | Path | 
     except ValidationError as exc:
         raise ConfigError([*problems, *_describe(exc, ProcessConfig)], source=source) from None
     job = JobConfig(name=name, process=process, meta=meta, source=source)
+    job._templates.update(templates)
     base = Path(workdir) if workdir is not None else default_workdir()
     job = _resolve_paths(job, base, problems)
     if problems:
@@ -542,9 +559,14 @@ def _unwrap_job(raw: Any, problems: list[str]) -> tuple[dict, str, dict] | None:
     return processes[0], str(config["name"]), dict(meta)
 
 
-def _substitute(value: Any, name: str, problems: list[str], path: str = "") -> Any:
-    """`[name]` -> the job name and `${VAR}` -> the environment, in every string, as ai-toolkit does."""
+def _substitute(
+    value: Any, name: str, problems: list[str], path: str = "", *, templates: dict[str, str]
+) -> Any:
+    """`[name]` -> the job name and `${VAR}` -> the environment, in every string, as ai-toolkit does;
+    `templates` records the strings that named a variable, as written."""
     if isinstance(value, str):
+        if _ENV.search(value):
+            templates[path] = value
 
         def env(match: re.Match) -> str:
             var = match.group(1)
@@ -556,10 +578,13 @@ def _substitute(value: Any, name: str, problems: list[str], path: str = "") -> A
         return _ENV.sub(env, value.replace("[name]", name))
     if isinstance(value, dict):
         return {
-            k: _substitute(v, name, problems, f"{path}.{k}" if path else str(k)) for k, v in value.items()
+            k: _substitute(v, name, problems, f"{path}.{k}" if path else str(k), templates=templates)
+            for k, v in value.items()
         }
     if isinstance(value, list):
-        return [_substitute(v, name, problems, f"{path}[{i}]") for i, v in enumerate(value)]
+        return [
+            _substitute(v, name, problems, f"{path}[{i}]", templates=templates) for i, v in enumerate(value)
+        ]
     return value
 
 
