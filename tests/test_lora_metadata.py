@@ -1,4 +1,4 @@
-"""Share the LoRA you made (docs/architecture.md §5.2): exported files carry modelspec / kohya metadata,
+"""Share the LoRA you made (docs/architecture.md §5.1): exported files carry modelspec / kohya metadata,
 and nothing of the machine that trained them (no absolute path, no `${VAR}` value); LoKr files load
 into diffusers through load_adapter_file."""
 

@@ -353,7 +353,7 @@ def _load_expert(
             sources.name_or_path, subfolder=EXPERT_SUBFOLDERS[expert], torch_dtype=dtype
         )
     else:
-        weights = component_weights(sources, expert)
+        weights = component_weights(sources, expert, dtype=dtype)
         model = build_transformer(weights.config, weights.state, dtype, weights.where)  # type: ignore[arg-type]
     _set_attention_backend(model, attention_backend)
     return _frozen(model, device)
@@ -367,7 +367,7 @@ def _load_text_encoder(
             sources.extras_name_or_path, subfolder="text_encoder", dtype=dtype
         )
     else:
-        weights = component_weights(sources, "text_encoder")
+        weights = component_weights(sources, "text_encoder", dtype=dtype)
         model = build_text_encoder(weights.config, weights.state, dtype, weights.where)  # type: ignore[arg-type]
     return _frozen(model, device)
 
@@ -378,7 +378,7 @@ def _load_vae(sources: WanSources, dtype: torch.dtype, device: str | torch.devic
             sources.extras_name_or_path, subfolder="vae", torch_dtype=dtype
         )
     else:
-        weights = component_weights(sources, "vae")
+        weights = component_weights(sources, "vae", dtype=dtype)
         model = build_vae(weights.config, weights.state, dtype, weights.where)  # type: ignore[arg-type]
     return _frozen(model, device)
 

@@ -1,4 +1,4 @@
-"""What an exported LoRA says about itself (docs/architecture.md §5.2): the conventions LoRA tools read.
+"""What an exported LoRA says about itself (docs/architecture.md §5.1): the conventions LoRA tools read.
 
 - `modelspec.*`: Stability's model spec 1.0 (sai_model_spec), as kohya's sd-scripts and musubi-tuner
   write it: architecture `<base>/lora`, implementation, title, date, resolution, trigger phrase,

@@ -167,13 +167,15 @@ class ComponentWeights:
     state: dict[str, torch.Tensor]
 
 
-def component_weights(sources: WanSources, component: Component, *, meta: bool = False) -> ComponentWeights:
+def component_weights(
+    sources: WanSources, component: Component, *, meta: bool = False, dtype: torch.dtype = torch.float32
+) -> ComponentWeights:
     """Read (or, `meta`, only look at) a component that from_pretrained cannot load; WeightsError if
-    it is not that component or does not fit its config."""
+    it is not that component or does not fit its config. fp8_scaled weights come out in `dtype`."""
     where = sources.where(component)
     path = sources.weights_path(component)
     try:
-        state = to_diffusers_names(read_state_dict(path, meta=meta), PARTS[component], where)
+        state = to_diffusers_names(read_state_dict(path, meta=meta), PARTS[component], where, dtype)
     except WeightsError as exc:
         message = str(exc)
         raise WeightsError(message if message.startswith(where) else f"{where}: {message}") from None

@@ -162,22 +162,28 @@ def _read_pickle(file: Path, meta: bool) -> dict[str, torch.Tensor]:
 # --- to diffusers / transformers names -------------------------------------------------------------
 
 
-def dequantize_fp8_scaled(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """ComfyUI's fp8_scaled layout -> float32 weights (weight * scale_weight); other tensors as they are."""
+def dequantize_fp8_scaled(
+    state: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32
+) -> dict[str, torch.Tensor]:
+    """ComfyUI's fp8_scaled layout -> weights in `dtype` (weight * scale_weight, computed in float32
+    one tensor at a time, so a 14B expert never exists in float32 whole); other tensors as they are."""
     out: dict[str, torch.Tensor] = {}
     for key, tensor in state.items():
         if key.endswith(("scaled_fp8", ".scale_input")) or key.endswith(".scale_weight"):
             continue
         if tensor.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
             scale = state.get(key.removesuffix("weight") + "scale_weight")
-            tensor = tensor.float() * (scale.float() if scale is not None else 1.0)
+            tensor = (tensor.float() * (scale.float() if scale is not None else 1.0)).to(dtype)
         out[key] = tensor
     return out
 
 
-def to_diffusers_names(state: dict[str, torch.Tensor], part: Part, where: str) -> dict[str, torch.Tensor]:
-    """The state dict of `part` in the names its diffusers / transformers class loads."""
-    state = _strip_prefix(dequantize_fp8_scaled(state), part)
+def to_diffusers_names(
+    state: dict[str, torch.Tensor], part: Part, where: str, dtype: torch.dtype = torch.float32
+) -> dict[str, torch.Tensor]:
+    """The state dict of `part` in the names its diffusers / transformers class loads (fp8_scaled
+    weights dequantized to `dtype`)."""
+    state = _strip_prefix(dequantize_fp8_scaled(state, dtype), part)
     style = next((s for s, key in _STYLES[part] if key in state), None)
     if style is None:
         sample = ", ".join(sorted(state)[:3]) or "none"
