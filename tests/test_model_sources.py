@@ -9,8 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file, save_file
 
+from wan_assets.cli import main
 from wan_assets.core.config import ModelConfig, parse_config
 from wan_assets.core.data.cache import EncoderHandle
 from wan_assets.core.model.loading import WanComponents, load_wan_model, source_problems
@@ -107,6 +109,11 @@ def test_official_release_layout_loads_like_the_diffusers_folder(tiny_model_dir,
     _assert_same(_outputs(parts), reference)
     assert source_problems(ModelConfig(name_or_path=str(root))) == []
 
+    # ai-toolkit's extras_name_or_path: the VAE, text encoder, tokenizer and scheduler from elsewhere.
+    mixed = ModelConfig(name_or_path=str(root), extras_name_or_path=str(tiny_model_dir))
+    _assert_same(_outputs(load_wan_model(mixed, dtype=BF16)), reference)
+    assert source_problems(mixed) == []
+
 
 def test_fp8_scaled_files_are_dequantized_with_their_scales(tiny_model_dir, layouts) -> None:
     fp8 = load_file(str(layouts["high_noise_fp8"]))
@@ -192,3 +199,16 @@ def test_single_file_encoders_have_their_own_stable_cache_identity(tiny_model_di
     save_file(state, changed)
     moved = EncoderHandle(_comfy_config(tiny_model_dir, layouts, vae_path=str(changed))).identity()
     assert moved["vae"] != files["vae"]
+
+
+def test_wan_assets_check_names_a_wrong_part_file(tiny_model_dir, layouts, tmp_path, capsys) -> None:
+    clips = tmp_path / "data"
+    clips.mkdir()
+    (clips / "a.mp4").write_bytes(b"0")  # check looks for clips, it does not decode them
+    raw = tiny_job_raw(clips, tiny_model_dir)
+    raw["config"]["process"][0]["model"].update(high_noise_path=str(layouts["vae"]))
+    config = tmp_path / "job.yaml"
+    config.write_text(yaml.safe_dump(raw, sort_keys=False))
+    assert main(["check", str(config), "--workdir", str(tmp_path / "work")]) == 1
+    err = capsys.readouterr().err
+    assert f"model.high_noise_path: {layouts['vae']} is not a Wan 2.2 transformer (expert)" in err

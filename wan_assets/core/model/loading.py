@@ -243,7 +243,9 @@ def source_problems(source: str | Path | ModelConfig | WanSources) -> list[str]:
         _require_roots(sources, COMPONENTS)
     except FileNotFoundError as exc:
         return [str(exc)]  # part files take their configs from the roots
-    for component in sources.files:
+    for component in COMPONENTS:
+        if sources.from_diffusers_folder(component):
+            continue  # from_pretrained checks its own folders
         try:
             check_component(sources, component)
         except (WeightsError, OSError) as exc:

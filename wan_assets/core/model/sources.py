@@ -24,6 +24,7 @@ from wan_assets.core.config import ModelConfig
 from wan_assets.core.model.weights import (
     Part,
     WeightsError,
+    check_state,
     expected_state,
     official_transformer_config,
     read_state_dict,
@@ -184,8 +185,6 @@ def component_weights(
 
 def check_component(sources: WanSources, component: Component) -> None:
     """The keys and shapes of a component's file against its config, reading no weights."""
-    from wan_assets.core.model.weights import check_state
-
     weights = component_weights(sources, component, meta=True)
     expected = expected_state(PARTS[component], weights.config)
     state = weights.state

@@ -76,7 +76,6 @@ OFFICIAL_T5_NAMES: dict[str, str] = {
     "blocks.{i}.ffn.fc1.weight": "encoder.block.{i}.layer.1.DenseReluDense.wi_1.weight",
     "blocks.{i}.ffn.fc2.weight": "encoder.block.{i}.layer.1.DenseReluDense.wo.weight",
 }
-_BLOCK = re.compile(r"blocks\.(\d+)\.")
 _TIED_T5 = "encoder.embed_tokens.weight"
 
 
@@ -352,12 +351,3 @@ def build_text_encoder(
 
 def _t5_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v for k, v in state.items() if k != _TIED_T5}
-
-
-def is_expert_shard_folder(path: Path) -> bool:
-    """The release's `high_noise_model/`: shards of Wan-original keys beside a WanModel config.json."""
-    return path.is_dir() and (path / "config.json").is_file() and any(path.glob("*.safetensors"))
-
-
-def block_count(state: dict[str, torch.Tensor]) -> int:
-    return len({int(m[1]) for k in state if (m := _BLOCK.match(k))})
