@@ -29,6 +29,7 @@ def _job(clips: Path, model: Path, out: Path, monkeypatch: pytest.MonkeyPatch, *
     monkeypatch.setenv("WAN_TEST_CLIPS", str(clips))
     monkeypatch.setenv("WAN_TEST_OUT", str(out))
     monkeypatch.setenv("WAN_TEST_TOKEN", SECRET)
+    monkeypatch.setenv("WAN_TEST_ACCUMULATE", "1")
     raw = tiny_job_raw(clips, model, steps=2)
     raw["meta"] = {"description": "made with ${WAN_TEST_TOKEN}"}
     process = raw["config"]["process"][0]
@@ -36,6 +37,8 @@ def _job(clips: Path, model: Path, out: Path, monkeypatch: pytest.MonkeyPatch, *
     process["training_folder"] = "${WAN_TEST_OUT}/runs"
     process["save"]["save_every"] = 1
     process["sample"] = None
+    del process["train"]["gradient_accumulation"]  # the same key in ai-toolkit's spelling, from a variable
+    process["train"]["gradient_accumulation_steps"] = "${WAN_TEST_ACCUMULATE}"
     process["network"].update(network)
     return raw
 
@@ -92,6 +95,7 @@ def test_exported_files_carry_standard_metadata_and_nothing_local(
     process = yaml.safe_load(config)["config"]["process"][0]
     assert process["datasets"][0]["folder_path"] == "${WAN_TEST_CLIPS}"  # as written, not the value
     assert process["training_folder"] == "${WAN_TEST_OUT}/runs"
+    assert process["train"]["gradient_accumulation"] == "${WAN_TEST_ACCUMULATE}"  # ai-toolkit's alias
     assert process["model"]["name_or_path"] == "<model.name_or_path>"
     assert yaml.safe_load(config)["meta"] == {"description": "made with ${WAN_TEST_TOKEN}"}
 

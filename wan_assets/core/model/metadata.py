@@ -19,13 +19,15 @@ import datetime
 import hashlib
 import json
 import re
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
+from pydantic import BaseModel
 
-from wan_assets.core.config import MODEL_FILE_KEYS, JobConfig, dump_config
+from wan_assets.core.config import MODEL_FILE_KEYS, JobConfig, ProcessConfig, dump_config
 
 ARCHITECTURE = "wan2.2-i2v-14b"  # modelspec id of Wan 2.2 I2V-A14B (musubi writes "wan2.1" for every Wan)
 IMPLEMENTATION = "https://github.com/Wan-Video/Wan2.2"
@@ -141,9 +143,25 @@ def _path_fields(process: dict[str, Any]) -> list[tuple[str, Any]]:
     return fields
 
 
+def _aliases(model: type[BaseModel] = ProcessConfig) -> dict[str, str]:
+    """ai-toolkit spellings of fields (`gradient_accumulation_steps`) -> the names the dump uses."""
+    out: dict[str, str] = {}
+    for name, info in model.model_fields.items():
+        if info.alias:
+            out[info.alias] = name
+        stack = [info.annotation]
+        while stack:
+            annotation = stack.pop()
+            if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+                out |= _aliases(annotation)
+            stack += list(typing.get_args(annotation))
+    return out
+
+
 def _set(tree: dict[str, Any], path: str, value: str) -> None:
-    """Set `a.b[0].c` in nested dicts/lists; a path that is not there (an alias) is left alone."""
-    parts = [p for p in re.split(r"\.|(\[\d+\])", path) if p]
+    """Set `a.b[0].c` in nested dicts/lists, keys written under an alias included."""
+    aliases = _aliases()
+    parts = [aliases.get(p, p) for p in re.split(r"\.|(\[\d+\])", path) if p]
     node: Any = tree
     for part in parts[:-1]:
         node = (
