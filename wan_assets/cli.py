@@ -174,6 +174,9 @@ def cmd_sample_videos(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    # Model saving and loading bars (here and in the trainer it starts) say nothing about the demo;
+    # read when huggingface_hub is first imported, so set before the demo imports anything.
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     from wan_assets.demo import print_demo, run_demo
 
     return print_demo(run_demo(Path(args.workdir) if args.workdir else None))

@@ -80,6 +80,7 @@ def sync_partitions(instance: DagsterInstance, project: WanProjectResource) -> l
     from wan_assets.sensors import new_clips_sensor, requested_keys
 
     context = build_sensor_context(instance=instance, resources={"project": project})
+    logging.getLogger("dagster").setLevel(logging.WARNING)  # the tick's INFO line: the caller reports
     result = new_clips_sensor(context)
     assert isinstance(result, SensorResult), "the sensor returns one SensorResult"
     for request in result.dynamic_partitions_requests or ():
@@ -92,12 +93,15 @@ def sync_partitions(instance: DagsterInstance, project: WanProjectResource) -> l
     return [requested_keys(r, order) for r in result.run_requests or ()]
 
 
+# A logger runs only when the run config names it (else Dagster falls back to its own console).
+DEMO_LOGGING = {"loggers": {"console": {}}}
+
+
 def demo_job(assets: list, resources: dict) -> JobDefinition:
     """Every asset in one job whose console is `demo_console` (runs execute in this process)."""
-    defs = Definitions(
-        assets=assets, resources=resources, loggers={"console": demo_console}, executor=in_process_executor
-    )
-    return defs.resolve_implicit_global_asset_job_def()
+    defs = Definitions(assets=assets, resources=resources, executor=in_process_executor)
+    # The implicit asset job keeps Dagster's default loggers whatever Definitions says: swap them here.
+    return defs.resolve_implicit_global_asset_job_def().with_logger_defs({"console": demo_console})
 
 
 def materialize_batch(
@@ -108,7 +112,11 @@ def materialize_batch(
 
     tags = {ASSET_PARTITION_RANGE_START_TAG: keys[0], ASSET_PARTITION_RANGE_END_TAG: keys[-1]}
     result = job.execute_in_process(
-        instance=instance, tags=tags, asset_selection=list(PER_CLIP_KEYS), raise_on_error=False
+        instance=instance,
+        tags=tags,
+        asset_selection=list(PER_CLIP_KEYS),
+        raise_on_error=False,
+        run_config=DEMO_LOGGING,
     )
     failed: dict[str, str] = {}
     for event in result.get_step_failure_events():
@@ -135,9 +143,6 @@ def run_demo(
 
     warnings.filterwarnings("ignore", category=BetaWarning)
     warnings.filterwarnings("ignore", category=PreviewWarning)
-    # Model loading and saving bars (here and in the trainer it starts) say nothing about the demo.
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    logging.getLogger("dagster").setLevel(logging.WARNING)  # the sensor tick's own INFO line
     wd = Workdir.open(workdir)
     wd.ensure_default_clips(config)
     wd.ensure_tiny_model()
@@ -169,7 +174,9 @@ def run_demo(
             names = ", ".join(k.to_user_string() for k in stage)
             began = time.perf_counter()
             say(f"{names} ...")
-            result = job.execute_in_process(instance=instance, asset_selection=stage, raise_on_error=False)
+            result = job.execute_in_process(
+                instance=instance, asset_selection=stage, raise_on_error=False, run_config=DEMO_LOGGING
+            )
             if not result.success:
                 reasons = [
                     (e.step_failure_data.error.message if e.step_failure_data.error else "").strip()
