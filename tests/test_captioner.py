@@ -26,6 +26,7 @@ from wan_assets.core.data.cache import (
     discover_clips,
 )
 from wan_assets.core.data.captioner import CaptionerHandle, caption_frame_indices
+from wan_assets.core.data.captions import read_caption
 from wan_assets.core.data.latents import component_identity
 from wan_assets.core.model.tiny_captioner import build_tiny_captioner
 
@@ -103,6 +104,21 @@ def test_tiny_captioner_is_the_real_family_built_offline(tiny_captioner_dir: Pat
         build_tiny_captioner(tmp_path / "mine")
     assert caption_frame_indices(81, 8) == [5, 15, 25, 35, 45, 55, 65, 75]
     assert caption_frame_indices(3, 8) == [0, 1, 2]
+
+
+def test_a_caption_file_wins_over_a_generated_caption_which_wins_over_the_default(tmp_path: Path) -> None:
+    clip = tmp_path / "a.mp4"
+    assert (
+        read_caption(clip, ".txt", trigger="sks", default="a clip", generated="a red [trigger]")
+        == "a red sks"
+    )
+    assert (
+        read_caption(clip, ".txt", trigger="sks", default="a clip", generated="a red ball")
+        == "sks, a red ball"
+    )
+    assert read_caption(clip, ".txt", trigger=None, default="a clip") == "a clip"
+    (tmp_path / "a.txt").write_text("mine")
+    assert read_caption(clip, ".txt", trigger=None, default="a clip", generated="a red ball") == "mine"
 
 
 def test_cache_and_train_caption_the_uncaptioned_once_and_a_user_edit_wins(
@@ -209,17 +225,22 @@ def test_captions_asset_records_model_and_prompt_and_does_no_work_twice(
     with instance_for_test() as instance:
         instance.add_dynamic_partitions(videos.name, [key])
 
-        def run(instance: DagsterInstance):
+        def run(instance: DagsterInstance, *, with_latents: bool = False):
             result = materialize(
                 [raw_videos, captions, latents],
+                selection=[raw_videos, captions, latents] if with_latents else [captions],
                 partition_key=key,
                 resources={"project": project},
                 instance=instance,
             )
             mat = result.asset_materializations_for_node("captions")[0]
+            if with_latents:  # the latents encode the generated caption
+                record = result.asset_materializations_for_node("latents")[0]
+                assert record.metadata["text_encoder_calls"].value == 2  # caption and empty caption
+                assert result.output_for_node("latents")["caption"] == result.output_for_node("captions")
             return {k: v.value for k, v in mat.metadata.items()}, mat.tags["dagster/data_version"]
 
-        first, version = run(instance)
+        first, version = run(instance, with_latents=True)
         assert first["origin"] == "generated" and first["generated_now"] is True
         assert first["captioner_model"] == str(tiny_captioner_dir)
         assert first["captioner_prompt"].startswith("The images are frames")

@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
 from safetensors.torch import load_file
@@ -170,7 +171,7 @@ class ClipCaption:
     """The caption a clip trains with and where it came from."""
 
     text: str
-    origin: str  # "file" (the user's, always first), "generated" or "default"
+    origin: Literal["file", "generated", "default"]  # the user's file always comes first
     generated: GeneratedCaption | None = None
     sidecar: str | None = None  # the caption file this run wrote (write_auto_captions)
 

@@ -15,6 +15,8 @@ frames) lives in the cache folder, never next to the clip unless the dataset ask
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -24,7 +26,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from transformers import Qwen2_5_VLProcessor
 
 from wan_assets.core.config import CaptionerConfig, ConfigError
 from wan_assets.core.data.latents import component_identity, content_key
@@ -193,15 +194,21 @@ class CaptionerHandle:
         return self._model, self._processor
 
 
-class FramesProcessor(Qwen2_5_VLProcessor):
+@functools.cache
+def frames_processor_class() -> type:
     """Qwen2.5-VL's processor for image input: without a video_processor argument it never needs
-    a video processor class (whose import needs torchvision); everything else is its own."""
+    a video processor class (whose import needs torchvision); everything else is its own. Made on
+    first use: importing transformers' processors costs seconds every command would pay."""
+    from transformers import Qwen2_5_VLProcessor
 
-    def __init__(self, image_processor: Any = None, tokenizer: Any = None, chat_template: Any = None):
-        super().__init__(image_processor, tokenizer, None, chat_template=chat_template)
+    class FramesProcessor(Qwen2_5_VLProcessor):
+        def __init__(self, image_processor: Any = None, tokenizer: Any = None, chat_template: Any = None):
+            super().__init__(image_processor, tokenizer, None, chat_template=chat_template)
+
+    return FramesProcessor
 
 
-def load_frames_processor(path: str | Path, max_pixels: int) -> FramesProcessor:
+def load_frames_processor(path: str | Path, max_pixels: int) -> Any:
     """The folder's image processor (PIL backend whatever is installed, so the pixels and the
     cache keys never depend on torchvision), tokenizer and chat template."""
     from transformers import AutoImageProcessor, AutoTokenizer
@@ -209,7 +216,8 @@ def load_frames_processor(path: str | Path, max_pixels: int) -> FramesProcessor:
     folder = Path(path)
     image_processor = AutoImageProcessor.from_pretrained(folder, backend="pil", max_pixels=max_pixels)
     tokenizer = AutoTokenizer.from_pretrained(folder, padding_side="left")
-    return FramesProcessor(image_processor, tokenizer, chat_template=_chat_template(folder, tokenizer))
+    chat_template = _chat_template(folder, tokenizer)
+    return frames_processor_class()(image_processor, tokenizer, chat_template=chat_template)
 
 
 def _chat_template(folder: Path, tokenizer: Any) -> str:
@@ -301,6 +309,11 @@ def _store(
     )
     record = {k: v for k, v in asdict(caption).items() if k != "generated"}
     settings = {k: v for k, v in identity.items() if k not in ("model", "prompt")}
-    record |= {"version": RECORD_VERSION, "clip": request.clip, "clip_sha256": request.sha256}
-    write_json(cache_dir / caption.file, record | {"settings": settings, "frame_indices": list(indices)})
-    return GeneratedCaption(**{**asdict(caption), "frame_indices": indices, "generated": True})
+    extra = {
+        "version": RECORD_VERSION,
+        "clip": request.clip,
+        "clip_sha256": request.sha256,
+        "settings": settings,
+    }
+    write_json(cache_dir / caption.file, record | extra)
+    return dataclasses.replace(caption, generated=True)
