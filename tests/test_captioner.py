@@ -26,8 +26,9 @@ from wan_assets.core.data.cache import (
     discover_clips,
 )
 from wan_assets.core.data.captioner import CaptionerHandle, caption_frame_indices
-from wan_assets.core.data.captions import read_caption
+from wan_assets.core.data.captions import CaptionError, read_caption
 from wan_assets.core.data.latents import component_identity
+from wan_assets.core.data.video_io import VideoError
 from wan_assets.core.model.tiny_captioner import build_tiny_captioner
 
 from .conftest import tiny_job_raw
@@ -260,6 +261,31 @@ def test_captions_asset_records_model_and_prompt_and_does_no_work_twice(
         third, _ = run(instance)
         assert third["origin"] == "file" and third["caption"] == f"sks, {USER_EDIT}"
         assert "captioner_model" not in third
+
+
+def test_an_empty_generated_caption_fails_its_clip_alone_and_is_not_generated_again(
+    dataset: Path, tiny_model_dir: Path, tiny_captioner_dir: Path, tmp_path: Path, monkeypatch
+) -> None:
+    job = parse_config(
+        caption_raw(dataset, tiny_model_dir, tiny_captioner_dir, tmp_path), workdir=tmp_path
+    ).job
+    calls = []
+
+    def silent(handle, frames):  # a model that stops at once (greedy: it always would)
+        calls.append(len(frames))
+        return [""] * len(frames)
+
+    monkeypatch.setattr(CaptionerHandle, "generate", silent)
+    sources = discover_clips(job)
+    for _ in range(2):
+        results = caption_clips(sources, job, tmp_path / "cache", captioner_for(job))
+        for name in UNCAPTIONED:
+            error = results[f"{name}.mp4"]
+            assert isinstance(error, CaptionError) and f"{name}.txt: the captioner" in str(error)
+            assert "wrote an empty caption" in str(error)
+        assert not isinstance(results["circle_right.mp4"], Exception)
+        assert isinstance(results["broken.mp4"], VideoError) and "empty file" in str(results["broken.mp4"])
+    assert calls == [2, 1], "generated once, in batches of 2; the second pass found the records"
 
 
 def test_missing_captioner_folder_is_one_clear_error(

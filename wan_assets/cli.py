@@ -61,7 +61,11 @@ def cmd_cache(args: argparse.Namespace) -> int:
     workdir, job = _load(args)
     encoder = EncoderHandle.create(job.process.model.name_or_path)
     report = cache_dataset(
-        job, workdir.cache, encoder, progress=lambda it: progress(it, desc="caching clips")
+        job,
+        workdir.cache,
+        encoder,
+        progress=lambda it: progress(it, desc="caching clips"),
+        caption_progress=lambda it: progress(it, desc="captioning (batches)"),
     )
     for row in report.index.table():
         print(
@@ -103,7 +107,7 @@ def cmd_caption(args: argparse.Namespace) -> int:
         job,
         workdir.cache,
         captioner,
-        progress=lambda it: progress(it, desc="captioning"),
+        progress=lambda it: progress(it, desc="captioning (batches)"),
     )
     rows, failures = [], []
     for key, result in results.items():

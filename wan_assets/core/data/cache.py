@@ -552,6 +552,7 @@ def cache_dataset(
     *,
     prefetch: int = PREFETCH_CLIPS,
     captioner: CaptionerHandle | None = None,
+    caption_progress: Callable[[Iterable], Iterable] = iter,
 ) -> CacheReport:
     """Process every clip; failures are collected, never raised, so one bad clip stops nothing.
 
@@ -568,7 +569,7 @@ def cache_dataset(
     previous = previous_records(index_path(cache_dir, job))
     sources = discover_clips(job)
     captioner = captioner or captioner_for(job)
-    captions = caption_clips(sources, job, cache_dir, captioner)
+    captions = caption_clips(sources, job, cache_dir, captioner, caption_progress)
     if captioner is not None:
         captioner.release()
     clips = iter(progress(sources))
