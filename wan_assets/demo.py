@@ -94,7 +94,7 @@ def sync_partitions(instance: DagsterInstance, project: WanProjectResource) -> l
 
 
 # A logger runs only when the run config names it (else Dagster falls back to its own console).
-DEMO_LOGGING = {"loggers": {"console": {}}}
+DEMO_LOGGING: dict[str, dict] = {"loggers": {"console": {}}}
 
 
 def demo_job(assets: list, resources: dict) -> JobDefinition:

@@ -54,13 +54,14 @@ from wan_assets.core.config import JobConfig
 from wan_assets.core.data.cache import (
     CLIP_ERRORS,
     PREFETCH_CLIPS,
+    ClipCaption,
     ClipProbe,
     ClipRecord,
     ClipSource,
     EncoderHandle,
     PreparedClip,
     build_index,
-    caption_clip,
+    caption_clips,
     finish_clip,
     prepare_clip,
     probe_clip,
@@ -92,6 +93,7 @@ class ClipOutcome:
     source: ClipSource
     probe: ClipProbe | None = None
     caption: str | None = None
+    caption_info: ClipCaption | None = None  # where the caption came from (file, captioner, default)
     record: ClipRecord | None = None
     vae_calls: int = 0
     text_calls: int = 0
@@ -105,20 +107,27 @@ def record_path(cache_dir: Path, job: JobConfig, partition_key: str) -> Path:
 
 
 def _prepare(
-    source: ClipSource, job: JobConfig, encoder: EncoderHandle, cache_dir: Path, wanted: frozenset[AssetKey]
+    source: ClipSource,
+    caption: ClipCaption | Exception | None,
+    job: JobConfig,
+    encoder: EncoderHandle,
+    cache_dir: Path,
+    wanted: frozenset[AssetKey],
 ) -> tuple[ClipOutcome, PreparedClip | None]:
-    """The CPU part of one clip (probe, caption, decoded frames), safe in a worker thread."""
+    """The CPU part of one clip (probe, its caption, decoded frames), safe in a worker thread."""
     outcome = ClipOutcome(source)
     stage = RAW_VIDEOS
     try:
         outcome.probe = probe_clip(source)
         if wanted & {CAPTIONS, LATENTS}:
             stage = CAPTIONS
-            outcome.caption = caption_clip(source, job)
+            if isinstance(caption, Exception):
+                raise caption
+            assert caption is not None, "captions are made for the batch before its clips"
+            outcome.caption, outcome.caption_info = caption.text, caption
         if LATENTS in wanted:
             stage = LATENTS
-            assert outcome.caption is not None
-            return outcome, prepare_clip(source, outcome.probe, outcome.caption, job, encoder, cache_dir)
+            return outcome, prepare_clip(source, outcome.probe, caption.text, job, encoder, cache_dir)  # type: ignore[union-attr]
     except CLIP_ERRORS as exc:
         outcome.failed_at, outcome.reason = stage, str(exc)
     return outcome, None
@@ -126,6 +135,7 @@ def _prepare(
 
 def process_clips(
     sources: list[ClipSource],
+    captions: dict[str, ClipCaption | Exception],
     job: JobConfig,
     encoder: EncoderHandle,
     cache_dir: Path,
@@ -133,7 +143,8 @@ def process_clips(
     prefetch: int = PREFETCH_CLIPS,
 ) -> Iterator[ClipOutcome]:
     """Each clip's outcome in order, as it finishes; `prefetch` clips are decoded ahead in threads
-    while the encoders (one handle for the whole batch) work on the current one."""
+    while the encoders (one handle for the whole batch) work on the current one. `captions`: the
+    batch's captions by clip (`caption_clips`), when captions or latents are wanted."""
     queue = iter(sources)
     with ThreadPoolExecutor(max_workers=max(prefetch, 1), thread_name_prefix="decode") as pool:
         pending: deque[Future] = deque()
@@ -141,7 +152,8 @@ def process_clips(
         def submit_next() -> None:
             source = next(queue, None)
             if source is not None:
-                pending.append(pool.submit(_prepare, source, job, encoder, cache_dir, wanted))
+                caption = captions.get(source.key)
+                pending.append(pool.submit(_prepare, source, caption, job, encoder, cache_dir, wanted))
 
         for _ in range(max(prefetch, 1)):
             submit_next()
@@ -188,9 +200,16 @@ def raw_videos_metadata(probe: ClipProbe) -> dict:
     }
 
 
-def captions_metadata(caption: str) -> dict:
+def captions_metadata(caption: str, info: ClipCaption | None = None) -> dict:
     shown = caption if len(caption) <= CAPTION_CHARS else caption[:CAPTION_CHARS] + "..."
-    return {"caption": shown, "words": len(caption.split())}
+    metadata: dict = {"caption": shown, "words": len(caption.split())}
+    if info is not None:
+        metadata["origin"] = info.origin
+        if info.generated is not None:  # the captioner's model, prompt, settings and record
+            metadata |= info.generated.metadata()
+        if info.sidecar is not None:
+            metadata["sidecar_written"] = MetadataValue.path(info.sidecar)
+    return metadata
 
 
 def latents_metadata(outcome: ClipOutcome) -> dict:
@@ -237,7 +256,11 @@ def _events(outcome: ClipOutcome, wanted: frozenset[AssetKey]) -> Iterator[Asset
     caption_version = _caption_version(outcome.caption)
     if CAPTIONS in wanted:
         yield _materialization(
-            CAPTIONS, key, caption_version, {RAW_VIDEOS: probe.sha256}, captions_metadata(outcome.caption)
+            CAPTIONS,
+            key,
+            caption_version,
+            {RAW_VIDEOS: probe.sha256},
+            captions_metadata(outcome.caption, outcome.caption_info),
         )
     if LATENTS in wanted and outcome.record is not None:
         inputs = {RAW_VIDEOS: probe.sha256, CAPTIONS: caption_version}
@@ -306,8 +329,18 @@ def clip_assets(context: AssetExecutionContext, project: WanProjectResource):
             context.log.error(str(exc))
     empty: list[str] = []
     done = 0
+    captions: dict[str, ClipCaption | Exception] = {}
+    if wanted & {CAPTIONS, LATENTS}:
+        # The batch's captions first: a captioner (auto_caption) loads once and is freed before
+        # the encoders load, as `wan-assets cache` does.
+        with project.captioner() as captioner:
+            captions = caption_clips(sources, job, cache_dir, captioner)
+            if captioner is not None and captioner.num_loads:
+                context.log.info(
+                    f"captioner loaded once for this batch: {captioner.num_generate_calls} generate call(s)"
+                )
     with project.encoder() as encoder:
-        for outcome in process_clips(sources, job, encoder, cache_dir, wanted):
+        for outcome in process_clips(sources, captions, job, encoder, cache_dir, wanted):
             if outcome.record is not None:
                 write_json(record_path(cache_dir, job, outcome.source.key), outcome.record.to_json())
                 if outcome.record.warning:

@@ -245,6 +245,10 @@ class DatasetConfig(_Model):
     cache_variants: int | None = Field(default=None, ge=1)
     do_i2v: bool = True
     validation_split: float = Field(default=0.0, ge=0, lt=1)
+    # A clip without a caption file gets one from the `captioner` section's model (a caption file
+    # always wins); `write_auto_captions` also writes it next to the clip, never over a file.
+    auto_caption: bool = False
+    write_auto_captions: bool = False
 
     @field_validator("caption_ext")
     @classmethod
@@ -265,6 +269,18 @@ class DatasetConfig(_Model):
     def _i2v_only(self) -> DatasetConfig:
         if not self.do_i2v:
             raise ValueError("do_i2v: false is not supported; this project trains Wan 2.2 image-to-video")
+        return self
+
+    @model_validator(mode="after")
+    def _one_fallback_caption(self) -> DatasetConfig:
+        if self.auto_caption and self.default_caption is not None:
+            raise ValueError(
+                "default_caption and auto_caption both say what a clip without a caption file gets; keep one"
+            )
+        if self.write_auto_captions and not self.auto_caption:
+            raise ValueError(
+                "write_auto_captions needs auto_caption: true (it writes the generated captions)"
+            )
         return self
 
     @property
@@ -425,6 +441,29 @@ class ValidationConfig(_Model):
     num_samples: int = Field(default=1, ge=0)
 
 
+# What the captioner is asked by default: a training caption for a video model, in one paragraph.
+DEFAULT_CAPTION_PROMPT = (
+    "The images are frames of one video clip, in order. Write a caption for training a text-to-video "
+    "model: one paragraph that describes the main subject and its appearance, what moves and how, the "
+    "camera movement, the setting and the lighting. Describe the video, not the frames."
+)
+
+
+class CaptionerConfig(_Model):
+    """A local vision-language model (Qwen2.5-VL) that captions clips without a caption file
+    (docs/architecture.md §4). `[trigger]` in the prompt becomes the trigger word; the caption it
+    writes then gets the trigger handling a caption file gets."""
+
+    name_or_path: str
+    device: str = "auto"
+    dtype: DType = "bf16"
+    prompt: str = DEFAULT_CAPTION_PROMPT
+    frames_per_clip: int = Field(default=8, ge=1)
+    max_pixels: int = Field(default=360 * 640, ge=28 * 28, description="pixels per frame the model sees")
+    max_new_tokens: int = Field(default=160, ge=1)
+    batch_size: int = Field(default=4, ge=1)
+
+
 def offloads_inactive_expert(train: TrainConfig, model: ModelConfig) -> bool:
     """Whether the expert not training waits in CPU memory (`train.offload_inactive_expert` or the
     seed's `model.low_vram`)."""
@@ -444,6 +483,21 @@ class ProcessConfig(_Model):
     sample: SampleConfig | None = None
     logging: LoggingConfig = LoggingConfig()
     validation: ValidationConfig = ValidationConfig()
+    captioner: CaptionerConfig | None = None
+
+    @model_validator(mode="after")
+    def _captioner_when_asked(self) -> ProcessConfig:
+        asking = [i for i, d in enumerate(self.datasets) if d.auto_caption]
+        if asking and self.captioner is None:
+            raise ValueError(
+                f"datasets[{asking[0]}].auto_caption needs a `captioner` section "
+                "(captioner.name_or_path: a local Qwen2.5-VL folder)"
+            )
+        if self.captioner is not None and "[trigger]" in self.captioner.prompt and not self.trigger_word:
+            raise ValueError(
+                "captioner.prompt uses [trigger] but trigger_word is not set; set it or drop [trigger]"
+            )
+        return self
 
 
 class JobConfig(_Model):
@@ -724,12 +778,18 @@ def _resolve_paths(job: JobConfig, base: Path, problems: list[str]) -> JobConfig
         if not folder.is_dir():
             problems.append(f"validation.folder_path: folder {folder} does not exist")
     model = _resolve_model_paths(job.process.model, base)
+    captioner = job.process.captioner
+    if captioner is not None:  # always a local folder (its content hash is the cache identity)
+        captioner = captioner.model_copy(
+            update={"name_or_path": str(_under(base, Path(captioner.name_or_path)))}
+        )
     process = job.process.model_copy(
         update={
             "datasets": datasets,
             "training_folder": _under(base, job.process.training_folder),
             "validation": validation,
             "model": model,
+            "captioner": captioner,
             "sample": _resolve_samples(job.process.sample, base),
         }
     )

@@ -34,6 +34,7 @@ def preflight(
         *_optimizer_problems(job),
         *_sample_problems(job),
         *_dataset_problems(job),
+        *captioner_problems(job),
     ]
 
 
@@ -46,6 +47,25 @@ def model_problems(job: JobConfig, *, buildable_model: Path | None = None) -> li
     if buildable_model is not None and Path(model.name_or_path) == buildable_model:
         return []
     return source_problems(model)
+
+
+def caption_preflight(job: JobConfig, *, buildable_model: Path | None = None) -> list[str]:
+    """What `wan-assets caption` needs (no Wan model): clips in each dataset folder, a captioner."""
+    return [*_dataset_problems(job), *captioner_problems(job)]
+
+
+def captioner_problems(job: JobConfig) -> list[str]:
+    """The captioner folder holds a model it can run, when a dataset auto-captions."""
+    from wan_assets.core.data.captioner import check_captioner_folder
+
+    config = job.process.captioner
+    if config is None or not any(d.auto_caption for d in job.process.datasets):
+        return []
+    try:
+        check_captioner_folder(config.name_or_path)
+    except (FileNotFoundError, ValueError) as exc:
+        return [f"captioner.name_or_path: {exc}"]
+    return []
 
 
 def _backend_problems(job: JobConfig) -> list[str]:
