@@ -21,11 +21,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import statistics
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import yaml
@@ -119,7 +121,8 @@ def analyse(lines: list[dict], log: Path, wall: float, code: int) -> dict:
         "ratio": round(total / steady_total, 3) if steady_total else None,
         "first_bucket_extra_s": buckets[order[0]]["extra_s"] if order else None,
         "other_buckets_extra_max_s": max(later) if later else None,
-        "recompiles": text.count("Recompiling function"),
+        # By function: the blocks' compiled forward, torchao's AdamW step (per parameter shape), ...
+        "recompiles": dict(Counter(re.findall(r"Recompiling function (\S+ in \S+)", text))),
         "skipped": sum(1 for line in lines if line.get("skipped")),
         "buckets": buckets,
     }
