@@ -41,6 +41,7 @@ from gpu_e2e import SIZES, read_jsonl  # noqa: E402
 # One aspect ratio per bucket of ASPECT_RATIOS but 9:16's mirror 10:16 (six buckets).
 CLIP_SIZES = ((128, 128), (256, 144), (144, 256), (192, 144), (144, 192), (256, 160))
 CLIPS_PER_SIZE = 3
+NAME = "warmup"
 
 
 def write_clips(folder: Path, frames: int) -> None:
@@ -57,11 +58,12 @@ def write_clips(folder: Path, frames: int) -> None:
             (folder / f"{clip.name}.txt").write_text(clip.caption)
 
 
-def job_file(work: Path, model: Path, clips: Path, name: str, args) -> Path:
+def job_file(work: Path, model: Path, clips: Path, run: str, args) -> Path:
+    """The shipped recipe; both runs share the config's name (and so the latent cache), not the run folder."""
     raw = yaml.safe_load((REPO / "configs" / "wan22_i2v_a14b.yaml").read_text())
-    raw["config"]["name"] = name
+    raw["config"]["name"] = NAME
     process = raw["config"]["process"][0]
-    process["training_folder"] = str(work / "runs")
+    process["training_folder"] = str(work / f"runs_{run}")
     process["model"]["name_or_path"] = str(model)
     process["datasets"][0].update(
         folder_path=str(clips), num_frames=args.frames, max_pixels_per_frame=args.pixels**2,
@@ -73,7 +75,7 @@ def job_file(work: Path, model: Path, clips: Path, name: str, args) -> Path:
     process["save"].update(save_every=args.steps, max_step_saves_to_keep=1)
     half = args.steps // 2
     process["sample"].update(sample_every=half, width=160, height=96, num_frames=9, sample_steps=3)
-    out = work / f"{name}.yaml"
+    out = work / f"{run}.yaml"
     out.write_text(yaml.safe_dump(raw, sort_keys=False))
     return out
 
@@ -154,20 +156,21 @@ def main() -> int:
     shutil.rmtree(work / "compile_cache", ignore_errors=True)  # run 1 starts cold
     results: dict = {"sizes": None if args.tiny else SIZES, "steps": args.steps, "runs": {}}
     for run in ("cold", "warm"):
-        name = f"warmup_{run}"
-        shutil.rmtree(work / "runs" / name, ignore_errors=True)
-        config = job_file(work, model, clips, name, args)
+        run_dir = work / f"runs_{run}" / NAME
+        shutil.rmtree(run_dir, ignore_errors=True)
+        config = job_file(work, model, clips, run, args)
         if run == "cold":
             code, wall = cli(work, logs / "cache.log", "cache", str(config))
             if code != 0:
                 print((logs / "cache.log").read_text()[-3000:])
                 return 1
-        code, wall = cli(work, logs / f"{name}.log", "train", str(config))
-        lines = read_jsonl(work / "runs" / name / f"metrics_{name}.jsonl")
+        log = logs / f"train_{run}.log"
+        code, wall = cli(work, log, "train", str(config))
+        lines = read_jsonl(run_dir / f"metrics_{NAME}.jsonl")
         if not lines:
-            print((logs / f"{name}.log").read_text()[-3000:])
+            print(log.read_text()[-3000:])
             return 1
-        results["runs"][run] = analyse(lines, logs / f"{name}.log", wall, code)
+        results["runs"][run] = analyse(lines, log, wall, code)
         print(
             f"{run}: {json.dumps({k: v for k, v in results['runs'][run].items() if k != 'buckets'})}",
             flush=True,
