@@ -384,9 +384,15 @@ def test_memory_planner_plans_within_a_capped_allocator(monkeypatch: pytest.Monk
     monkeypatch.setattr(cuda, "memory_reserved", lambda device=None: 30 * GIB)
     monkeypatch.setattr(cuda, "memory_allocated", lambda device=None: 28 * GIB)
     monkeypatch.setattr(cuda, "max_memory_allocated", lambda device=None: 29 * GIB)
-    planner = MatmulPlanner([], torch.device("cuda", 0), guess_per_token=1)
+    monkeypatch.setattr(cuda, "current_device", lambda: 0)
+    planner = MatmulPlanner([], torch.device("cuda"), guess_per_token=1)  # as the options pass it
     fraction = {"value": 1.0}
-    monkeypatch.setattr(cuda, "get_per_process_memory_fraction", lambda device=None: fraction["value"])
+
+    def get_fraction(device) -> float:
+        assert isinstance(device, int), "torch refuses a device without an index here"
+        return fraction["value"]
+
+    monkeypatch.setattr(cuda, "get_per_process_memory_fraction", get_fraction)
     assert planner.memory() == (28 * GIB, 29 * GIB, 130 * GIB), "free plus what the allocator holds"
     fraction["value"] = 80 / 140
     assert planner.memory() == (28 * GIB, 29 * GIB, 80 * GIB), "an 80 GiB cap on a 140 GiB card"

@@ -47,7 +47,10 @@ class _Shape:
 def _memory_fraction(device: torch.device) -> float:
     """The allocator's per-process cap as a fraction of the card (1.0: none)."""
     get = getattr(torch.cuda, "get_per_process_memory_fraction", None)  # torch 2.8+
-    return float(get(device)) if get is not None else 1.0
+    if get is None:
+        return 1.0
+    # It takes an index (a plain torch.device("cuda") is refused), unlike the allocator queries.
+    return float(get(device.index if device.index is not None else torch.cuda.current_device()))
 
 
 class MatmulPlanner:
