@@ -80,15 +80,20 @@ def job_file(work: Path, model: Path, clips: Path, run: str, args) -> Path:
     return out
 
 
-def cli(work: Path, log: Path, *args: str) -> tuple[int, float]:
+def cli(work: Path, log: Path, *args: str, timeout: float | None = None) -> tuple[int, float]:
     env = {k: v for k, v in os.environ.items() if k != "TORCHINDUCTOR_CACHE_DIR"}  # the workdir's
     env["TORCH_LOGS"] = "recompiles"
     began = time.perf_counter()
     with log.open("w") as out:
-        code = subprocess.call(
+        proc = subprocess.Popen(
             [sys.executable, "-m", "wan_assets.cli", *args, "--workdir", str(work)],
             stdout=out, stderr=subprocess.STDOUT, cwd=REPO, env=env,
         )  # fmt: skip
+        try:
+            code = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()  # the steps it logged so far are still analysed
+            code = proc.wait()
     return code, time.perf_counter() - began
 
 
@@ -126,6 +131,13 @@ def analyse(lines: list[dict], log: Path, wall: float, code: int) -> dict:
         # By function: the blocks' compiled forward, torchao's AdamW step (per parameter shape), ...
         "recompiles": dict(Counter(re.findall(r"Recompiling function (\S+ in \S+)", text))),
         "skipped": sum(1 for line in lines if line.get("skipped")),
+        # Each expert compiles its own graphs (the adapter's name is part of what a graph guards on).
+        "expert_first_steps": {
+            e: next(
+                f"step {x['step']}, {x['bucket']}, {x['step_time_s']} s" for x in lines if x["expert"] == e
+            )
+            for e in dict.fromkeys(x["expert"] for x in lines)
+        },
         "buckets": buckets,
     }
 
@@ -141,6 +153,7 @@ def main() -> int:
     parser.add_argument("--work", type=Path, default=Path("/tmp/wan_warmup"))
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--tiny", action="store_true", help="tiny model, compile off: a CPU smoke test")
+    parser.add_argument("--run-timeout", type=float, default=None, help="seconds per train process")
     args = parser.parse_args()
 
     from wan_assets.core.model.tiny import build_tiny_model
@@ -165,7 +178,7 @@ def main() -> int:
                 print((logs / "cache.log").read_text()[-3000:])
                 return 1
         log = logs / f"train_{run}.log"
-        code, wall = cli(work, log, "train", str(config))
+        code, wall = cli(work, log, "train", str(config), timeout=args.run_timeout)
         lines = read_jsonl(run_dir / f"metrics_{NAME}.jsonl")
         if not lines:
             print(log.read_text()[-3000:])
@@ -175,12 +188,14 @@ def main() -> int:
             f"{run}: {json.dumps({k: v for k, v in results['runs'][run].items() if k != 'buckets'})}",
             flush=True,
         )
-    import torch
+        if args.out is not None:  # after each run: a run cut short by a time limit keeps the first
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(results, indent=2) + "\n")
+    import torch  # only now: a CUDA context here would take memory from the runs' planner
 
-    results["environment"] = {"gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-                              "torch": torch.__version__}  # fmt: skip
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
+    results["environment"] = {"gpu": gpu, "torch": torch.__version__}
     if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(results, indent=2) + "\n")
     for run, r in results["runs"].items():
         print(f"\n{run}: {r['steps']} steps, exit {r['exit']}, wall {r['wall_s']} s, steps {r['step_total_s']} s "

@@ -16,8 +16,11 @@
   half (attention, feed-forward: block_parts.py) in pinned CPU memory (copied on a side stream) and
   recomputes the half from it in backward (offload.py).
 - `train.compile`: each block compiled on its own (regional: one graph reused by all 40 blocks),
-  static shapes, one compile per bucket shape (and per LoRA scale: an alpha phase change
-  recompiles once).
+  the token dimension dynamic: one graph per checkpoint policy and one for sampling's no-grad
+  forward serve every bucket shape (static shapes compiled again for each). Each expert gets its
+  own graphs (its adapter name is guarded), and an alpha phase change recompiles once (the LoRA
+  scale is a constant). The compiled artefacts persist in the workdir (cli.py), so a second run
+  reuses them.
 Options a device cannot run raise one ValueError naming the option and the device.
 """
 
