@@ -484,6 +484,12 @@ def _write_evaluations(con: duckdb.DuckDBPyConnection, run_id: str, rows: list[d
         if checkpoint != BASE_CHECKPOINT:
             checkpoint = str(Path(checkpoint).resolve())  # the same spelling as `checkpoints.path`
         clean.append(
-            {**row, "run_id": run_id, "checkpoint": checkpoint, "val_loss": _finite(row["val_loss"])}
+            # An EMA score's checkpoint is its `_ema` LoRA file: the path tells the two apart.
+            {
+                **{k: row[k] for k in needed},
+                "run_id": run_id,
+                "checkpoint": checkpoint,
+                "val_loss": _finite(row["val_loss"]),
+            }
         )
     return _insert(con, "evaluations", clean, replace=True)
