@@ -35,7 +35,9 @@ CLIPS = ("more/square_circle", "triangle_spins")
 
 
 @pytest.fixture
-def user_paths(tmp_path: Path, clips_dir: Path, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+def user_paths(
+    tmp_path: Path, clips_dir: Path, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> Path:
     """The placeholders of the files, pointed at this machine (the workdir is returned)."""
     dataset = tmp_path / "my_clips"
     dataset.mkdir()

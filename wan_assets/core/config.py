@@ -307,6 +307,7 @@ class LRSchedulerParams(_Model):
     reads its own. `total_iters` / `T_max` / `T_0` default to `train.steps`, as there."""
 
     total_iters: int | None = Field(default=None, gt=0)
+    # ai-toolkit overwrites these two with total_iters; accepted only to say so (TrainConfig).
     T_max: int | None = Field(default=None, gt=0)
     T_0: int | None = Field(default=None, gt=0)
     T_mult: int = Field(default=1, ge=1)
@@ -330,8 +331,8 @@ SCHEDULE_READS: dict[str, frozenset[str]] = {
     "constant": frozenset({"factor", "total_iters"}),
     "constant_with_warmup": frozenset({"num_warmup_steps"}),
     "linear": frozenset({"start_factor", "end_factor", "total_iters"}),
-    "cosine": frozenset({"T_max", "total_iters", "eta_min"}),
-    "cosine_with_restarts": frozenset({"T_0", "total_iters", "T_mult", "eta_min"}),
+    "cosine": frozenset({"total_iters", "eta_min"}),
+    "cosine_with_restarts": frozenset({"total_iters", "T_mult", "eta_min"}),
     "step": frozenset({"step_size", "gamma"}),
 }
 
@@ -396,7 +397,14 @@ class TrainConfig(_Model):
             )
         if self.lr_scheduler == "step" and self.lr_scheduler_params.step_size is None:
             raise ValueError("lr_scheduler step needs lr_scheduler_params.step_size (steps per decay)")
-        unread = sorted(self.lr_scheduler_params.changed() - SCHEDULE_READS[self.lr_scheduler])
+        changed = self.lr_scheduler_params.changed()
+        overwritten = sorted(changed & {"T_max", "T_0"})
+        if overwritten:
+            raise ValueError(
+                f"lr_scheduler_params {', '.join(overwritten)}: ai-toolkit replaces it with total_iters "
+                "(train.steps unless set), so the schedule would not be what it says; set total_iters instead"
+            )
+        unread = sorted(changed - SCHEDULE_READS[self.lr_scheduler])
         if unread:
             raise ValueError(
                 f"lr_scheduler_params {', '.join(unread)} not read by lr_scheduler {self.lr_scheduler!r} "

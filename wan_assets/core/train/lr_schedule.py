@@ -2,7 +2,7 @@
 
 ai-toolkit wraps torch's schedulers (`ConstantLR`, `LinearLR`, `CosineAnnealingLR`,
 `CosineAnnealingWarmRestarts`, `StepLR`) and diffusers' `get_constant_schedule_with_warmup`, with
-`total_iters` (or `T_max` / `T_0`) defaulting to `train.steps`, and steps them once per optimizer
+`total_iters` defaulting to `train.steps` (it becomes `T_max` / `T_0`, overwriting any given), and steps them once per optimizer
 step. Here the factor of step n is the closed form of those schedules, so the learning rate is a pure
 function of the step: a resumed run sets exactly the rate an uninterrupted one had, with no
 scheduler state to save.
@@ -29,10 +29,10 @@ def lr_at(train: TrainConfig, base_lr: float, step: int) -> float:
         span = p.total_iters or total
         return base_lr * (p.start_factor + (p.end_factor - p.start_factor) * min(step, span) / span)
     if name == "cosine":
-        span = p.T_max or p.total_iters or total
+        span = p.total_iters or total
         return p.eta_min + (base_lr - p.eta_min) * (1 + math.cos(math.pi * step / span)) / 2
     if name == "cosine_with_restarts":
-        t_cur, t_i = _restart_position(step, p.T_0 or p.total_iters or total, p.T_mult)
+        t_cur, t_i = _restart_position(step, p.total_iters or total, p.T_mult)
         return p.eta_min + (base_lr - p.eta_min) * (1 + math.cos(math.pi * t_cur / t_i)) / 2
     assert name == "step", f"unknown lr_scheduler {name}"
     assert p.step_size is not None, "TrainConfig requires step_size for the step schedule"
