@@ -542,6 +542,11 @@ BY_PATH: dict[str, AitkKey] = {k.path: k for k in KEYS}
 assert len(BY_PATH) == len(KEYS), "one row per key"
 
 
+def keys_in(section: str) -> list[str]:
+    """The table's keys of one section (for the closest-key suggestion of a typo)."""
+    return [k.key for k in KEYS if k.section == section]
+
+
 def lookup(section: str, key: str) -> AitkKey | None:
     """The row of `key` in `section` ("" for the process, "datasets[]" for any dataset, ...)."""
     return BY_PATH.get(f"{section}.{key}" if section else key)

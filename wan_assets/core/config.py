@@ -758,7 +758,9 @@ def _describe_one(err: Mapping[str, Any], root: type[BaseModel]) -> tuple[str, s
         if key in fields:  # given under its name and its ai-toolkit alias
             return path, f"given twice, also as {fields[key].alias}; keep one"
         choices = [*fields, *(f.alias for f in fields.values() if f.alias)]
-        return path, f"unknown key{_suggest(key, choices)}"
+        section = ".".join("[]" if isinstance(k, int) else str(k) for k in keys).replace(".[]", "[]")
+        known = aitk_keys.keys_in(section)  # a typo of an ai-toolkit key names that key
+        return path, f"unknown key{_suggest(key, choices, known)}"
     path = _format_loc(_walk(root, loc)[0])
     if err["type"] == "missing":
         return path, "required key is missing"
@@ -811,8 +813,9 @@ def _format_loc(loc: list) -> str:
     return out
 
 
-def _suggest(key: str, choices: list[str]) -> str:
-    close = difflib.get_close_matches(key, choices, n=1, cutoff=0.6)
+def _suggest(key: str, choices: list[str], known: Sequence[str] = ()) -> str:
+    """The closest of the fields and the table's ai-toolkit keys, else the list of fields."""
+    close = difflib.get_close_matches(key, [*choices, *known], n=1, cutoff=0.6)
     return f"; did you mean {close[0]}?" if close else f"; valid keys: {', '.join(sorted(choices))}"
 
 
