@@ -111,3 +111,31 @@ def test_the_seed_file_names_its_adapter_and_trains_its_ema(user_paths: Path) ->
     (adapter,) = [w for w in loaded.warnings if "accuracy recovery adapter" in w]
     assert "is not applied here" in adapter
     assert job.process.train.ema_config.use_ema and job.process.train.ema_config.ema_decay == 0.99
+
+
+def test_every_key_ai_toolkit_reads_for_wan_is_implemented_aliased_or_in_the_table() -> None:
+    """tests/data/aitk_keys_read_for_wan.txt: ai-toolkit's config_modules.py keys by section."""
+    from wan_assets.core import aitk_keys
+    from wan_assets.core.config import field_sections
+
+    fields = {f"{s}.{k}" if s else k for s, keys in field_sections().items() for k in keys}
+    fields |= {"train.gradient_accumulation"}  # the field whose ai-toolkit alias is listed
+    known = fields | {a.path for a in aitk_keys.ALIASES} | set(aitk_keys.BY_PATH)
+    lines = (DATA / "aitk_keys_read_for_wan.txt").read_text().splitlines()
+    keys = [line for line in lines if line and not line.startswith("#")]
+    assert len(keys) > 300
+    assert [k for k in keys if k not in known] == []
+    # A key is one thing: a field is never also a row of the table or an alias.
+    assert not fields & set(aitk_keys.BY_PATH)
+    assert not fields & {a.path for a in aitk_keys.ALIASES}
+
+
+def test_readme_says_what_each_ai_toolkit_key_does() -> None:
+    from wan_assets.core.config import key_reference
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    start, end = "<!-- aitk-keys:start -->\n", "<!-- aitk-keys:end -->"
+    section = readme[readme.index(start) + len(start) : readme.index(end)]
+    assert section == key_reference(), (
+        "README.md is out of date: paste config.key_reference() between the marks"
+    )

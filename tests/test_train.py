@@ -62,14 +62,21 @@ def losses(path: Path) -> list[tuple[int, str, float | None]]:
     return [(line["step"], line["expert"], line["loss"]) for line in read_lines(path)]
 
 
-def lora_tensors(files: RunFiles, experts) -> dict[str, torch.Tensor]:
-    return {f"{e}/{k}": v for e in experts for k, v in load_file(str(files.lora(e))).items()}
+def lora_tensors(files: RunFiles, experts, *, ema: bool = False) -> dict[str, torch.Tensor]:
+    return {f"{e}/{k}": v for e in experts for k, v in load_file(str(files.lora(e, ema=ema))).items()}
 
 
 def test_exact_resume_after_sigkill(
     tmp_path: Path, tiny_cache: Path, clips_dir: Path, tiny_model_dir: Path
 ) -> None:
-    common = dict(steps=230, gradient_accumulation=2, switch_boundary_every=3)
+    # A cosine schedule and EMA weights: both must continue exactly where the checkpoint left them.
+    common = dict(
+        steps=230,
+        gradient_accumulation=2,
+        switch_boundary_every=3,
+        lr_scheduler="cosine",
+        ema_config={"use_ema": True, "ema_decay": 0.9},
+    )
     reference_raw = with_phases(job_raw(clips_dir, tiny_model_dir, tmp_path / "ref", **common))
     reference_raw["config"]["process"][0]["save"] = {
         "dtype": "fp32",
@@ -85,7 +92,7 @@ def test_exact_resume_after_sigkill(
     killed_raw["config"]["process"][0]["training_folder"] = str(tmp_path / "killed")
     config = tmp_path / "killed.yaml"
     config.write_text(yaml.safe_dump(killed_raw, sort_keys=False))
-    files = RunFiles(tmp_path / "killed" / "tiny_i2v_lora", "tiny_i2v_lora")
+    files = RunFiles(tmp_path / "killed" / "tiny_i2v_lora", "tiny_i2v_lora", ema=True)
     proc = run_cli(config, tiny_cache)
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and proc.poll() is None:
@@ -105,10 +112,14 @@ def test_exact_resume_after_sigkill(
     assert resumed.returncode == 0, out
     assert f"resumed tiny_i2v_lora at step {checkpoint}" in out
     assert losses(files.metrics) == losses(ref.files.metrics)
-    ours, theirs = lora_tensors(files, ref_job.experts), lora_tensors(ref.files, ref_job.experts)
-    assert ours.keys() == theirs.keys()
-    for key in ours:
-        assert torch.equal(ours[key], theirs[key]), key
+    for ema in (False, True):
+        ours = lora_tensors(files, ref_job.experts, ema=ema)
+        theirs = lora_tensors(ref.files, ref_job.experts, ema=ema)
+        assert ours.keys() == theirs.keys()
+        for key in ours:
+            assert torch.equal(ours[key], theirs[key]), (ema, key)
+    lrs = [line["lr_0"] for line in read_lines(files.metrics)]
+    assert lrs[0] == pytest.approx(2e-3) and lrs[-1] < 1e-5  # the cosine ran its course
     # Retention kept two checkpoints; the JSONL has exactly one line per step.
     assert len(files.complete_steps(ref_job.experts)) == 2
     assert [line["step"] for line in read_lines(files.metrics)] == list(range(230))
@@ -349,3 +360,37 @@ def test_it_learns(tmp_path: Path, tiny_cache: Path, clips_dir: Path, tiny_model
     for expert in job.experts:
         # Measured on this tiny model after 300 steps: 0.71x (high noise) and 0.73x (low noise) the base.
         assert trained[expert] < 0.9 * base[expert], (expert, trained, base)
+
+
+def test_prodigy_linear_schedule_and_ema_resume_exactly(
+    tmp_path: Path, tiny_cache: Path, clips_dir: Path, tiny_model_dir: Path
+) -> None:
+    """Prodigy's state (its d estimate), the schedule's step and the EMA weights all travel in the
+    checkpoint: stopped at a checkpoint and resumed, the run is the uninterrupted one, bit for bit."""
+    train_keys = dict(
+        steps=8,
+        switch_boundary_every=2,
+        optimizer="prodigy",
+        lr=1.0,
+        lr_scheduler="linear",
+        ema_config={"use_ema": True, "ema_decay": 0.8},
+    )
+
+    def job(folder: str):
+        raw = job_raw(clips_dir, tiny_model_dir, tmp_path / folder, **train_keys)
+        raw["config"]["process"][0]["save"] = {"dtype": "fp32", "save_every": 4, "max_step_saves_to_keep": 3}
+        return parse_config(raw, workdir=tiny_cache).job
+
+    ref = train(job("ref"), tiny_cache / "cache")
+    train(job("split"), tiny_cache / "cache", stop_after=4)
+    split = train(job("split"), tiny_cache / "cache", resume_run=True)
+    assert losses(split.files.metrics) == losses(ref.files.metrics)
+    ref_lines = read_lines(ref.files.metrics)
+    assert [line["lr_0"] for line in read_lines(split.files.metrics)] == [line["lr_0"] for line in ref_lines]
+    assert ref_lines[1]["lr_0"] != ref_lines[0]["lr_0"]  # prodigy's d grows and the schedule ramps
+    experts = ("high_noise", "low_noise")
+    for ema in (False, True):
+        ours, theirs = lora_tensors(split.files, experts, ema=ema), lora_tensors(ref.files, experts, ema=ema)
+        assert all(torch.equal(ours[k], theirs[k]) for k in theirs), ema
+    raw_w, ema_w = lora_tensors(ref.files, experts), lora_tensors(ref.files, experts, ema=True)
+    assert any(not torch.equal(raw_w[k], ema_w[k]) for k in raw_w), "the EMA files hold the average"

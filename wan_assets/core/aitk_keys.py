@@ -219,6 +219,9 @@ KEYS: tuple[AitkKey, ...] = (
     *_rows("datasets[]", ANY, "a faster image size probe", "fast_image_size"),
     *_rows("datasets[]", ("targeted",), "guidance training", "guidance_type"),
     *_rows("datasets[]", _OFF, "audio", "do_audio", "audio_preserve_pitch", "audio_normalize"),
+    # Frame windows per clip belong to the data layer (docs/architecture.md §4, frame_extraction).
+    *_rows("datasets[]", _OFF, "a frame count per clip", "auto_frame_count", fix="set num_frames (4k+1)"),
+    *_rows("datasets[]", ANY, "the auto frame count's tail trim (used only with auto_frame_count)", "trim_auto_frame_count_tail"),
     # --- train -----------------------------------------------------------------------------------------
     *_rows("train", (True,), "freezing the transformer", "train_unet"),
     *_rows("train", ANY, "text caching: embeddings are always cached per caption", "cache_text_embeddings"),
@@ -459,6 +462,7 @@ KEYS: tuple[AitkKey, ...] = (
         "vae_dtype",
         "te_dtype",
     ),
+    *_rows("model", _NO_PATH, "a separate VAE file", "vae_path", fix="remove it; the VAE comes from name_or_path"),
     *_rows("model", _NO_PATH, "a refiner", "refiner_name_or_path"),
     *_rows("model", ANY, "the refiner start (used only with a refiner)", "refiner_start_at"),
     *_rows("model", (None,), "a latent space version", "latent_space_version"),
@@ -519,7 +523,6 @@ KEYS: tuple[AitkKey, ...] = (
         fix="set sampler: flowmatch",
     ),
     *_rows("sample", ANY, "the sample file format; samples are mp4 files", "format"),
-    *_rows("sample", ANY, "a seed walk: each prompt has its own seed (seed + prompt index)", "walk_seed"),
     *_rows("sample", ANY, "the refiner start (Wan has no refiner)", "refiner_start_at"),
     *_rows("sample", (1, 1.0), "a LoRA strength other than 1 in samples", "network_multiplier"),
     *_rows("sample", (0, 0.0), "guidance rescale", "guidance_rescale"),
@@ -527,6 +530,8 @@ KEYS: tuple[AitkKey, ...] = (
     *_rows("sample", _NO_LIST, "extra values", "extra_values"),
     *_rows("sample", _OFF, "CFG normalisation", "do_cfg_norm"),
     *_rows("sample.samples[]", (1, 1.0), "a LoRA strength other than 1 in samples", "network_multiplier"),
+    *_rows("sample.samples[]", (None,), "per-prompt sample settings", "width", "height", "neg", "guidance_scale", "sample_steps", "fps", "num_frames", fix="set it in the sample section"),
+    *_rows("sample.samples[]", _NO_PATH, "a control image under ai-toolkit's multi-image name", "ctrl_img_1", fix="use ctrl_img"),
     *_rows("sample.samples[]", (0,), "a control image index", "ctrl_idx"),
     *_rows(
         "sample.samples[]",
@@ -647,3 +652,33 @@ def _same_number(a: Any, b: Any) -> bool:
         return float(a) == float(b)
     except (TypeError, ValueError):
         return bool(a == b)
+
+
+# --- the README's key reference (tests/test_aitk_files.py checks README.md against it) -------------
+
+
+def reference_markdown(fields: dict[str, list[str]]) -> str:
+    """The ai-toolkit keys and what each does here, as markdown: `fields` are the implemented keys
+    by section (from the config models), then the aliases, then this table grouped."""
+    lines = ["| section | implemented keys |", "|---|---|"]
+    lines += [f"| `{s or '(process)'}` | {', '.join(f'`{k}`' for k in keys)} |" for s, keys in fields.items()]
+    lines += ["", "| ai-toolkit key | here |", "|---|---|"]
+    lines += [f"| `{a.path}` | `{a.target}` ({_ALIAS_WORDS[a.how]}; {a.note}) |" for a in ALIASES]
+    groups: dict[tuple[str, str, str], list[str]] = {}
+    for row in KEYS:
+        accepted = "any value" if row.accepts == ANY else " or ".join(f"`{_show(v)}`" for v in row.accepts)
+        groups.setdefault((row.section or "(process)", accepted, row.asks), []).append(row.key)
+    lines += ["", "| section | keys | accepted (listed in the one warning) | any other value asks for (an error) |"]
+    lines += ["|---|---|---|---|"]
+    for (section, accepted, asks), keys in groups.items():
+        refused = "never refused: " + asks if accepted == "any value" else asks
+        lines.append(f"| `{section}` | {', '.join(f'`{k}`' for k in keys)} | {accepted} | {refused} |")
+    return "\n".join(lines) + "\n"
+
+
+_ALIAS_WORDS = {
+    "rename": "the same key",
+    "fallback": "used when that is not set",
+    "or": "true turns it on",
+    "equal": "accepted when equal",
+}

@@ -903,6 +903,25 @@ def default_workdir() -> Path:
     return Path(os.environ.get("WAN_ASSETS_HOME") or ".wan_assets").resolve()
 
 
+def field_sections(model: type[BaseModel] = ProcessConfig, section: str = "") -> dict[str, list[str]]:
+    """The implemented keys by section (`datasets[]` for the list of datasets), for the README."""
+    out: dict[str, list[str]] = {section: []}
+    for name, field in model.model_fields.items():
+        out[section].append(field.alias or name)
+        sub, container = _submodel(field.annotation), _container(field.annotation)
+        if sub is not None and (container is None or container[0] == "list"):
+            inner = f"{section}.{name}" if section else name
+            out |= field_sections(sub, inner + ("[]" if container else ""))
+    return out
+
+
+def key_reference() -> str:
+    """README.md's table of which ai-toolkit keys do what here (aitk_keys.reference_markdown)."""
+    fields = field_sections()
+    fields.pop("source", None)
+    return aitk_keys.reference_markdown(fields)
+
+
 def dump_config(job: JobConfig) -> str:
     """The resolved config as YAML in the ai-toolkit job layout (written as `config.yaml` of a run)."""
     process = job.process.model_dump(mode="json", by_alias=False)
