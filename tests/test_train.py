@@ -394,3 +394,26 @@ def test_prodigy_linear_schedule_and_ema_resume_exactly(
         assert all(torch.equal(ours[k], theirs[k]) for k in theirs), ema
     raw_w, ema_w = lora_tensors(ref.files, experts), lora_tensors(ref.files, experts, ema=True)
     assert any(not torch.equal(raw_w[k], ema_w[k]) for k in raw_w), "the EMA files hold the average"
+
+
+def test_ema_checkpoints_are_evaluated_beside_the_raw_ones(
+    tmp_path: Path, tiny_cache: Path, clips_dir: Path, tiny_model_dir: Path
+) -> None:
+    from wan_assets.core.eval.checkpoints import evaluate_run
+
+    raw = job_raw(
+        clips_dir, tiny_model_dir, tmp_path, steps=4, ema_config={"use_ema": True, "ema_decay": 0.5}
+    )
+    process = raw["config"]["process"][0]
+    process["save"] = {"dtype": "fp32", "save_every": 2, "max_step_saves_to_keep": 3}
+    process["validation"] = {"num_samples": 0, "timestep_quantiles": [0.5]}
+    job = parse_config(raw, workdir=tiny_cache).job
+    train(job, tiny_cache / "cache")
+    report = evaluate_run(job, tiny_cache / "cache", device=torch.device("cpu"))
+    ema = [s for s in report.scores if s.ema]
+    assert {s.step for s in ema} == {2, 4} and all(s.checkpoint.endswith("_ema.safetensors") for s in ema)
+    raw_means, ema_means = report.mean_by_step(), report.mean_by_step(ema=True)
+    assert set(raw_means) == {0, 2, 4} and set(ema_means) == {2, 4}
+    assert ema_means[4] != raw_means[4]  # other weights, another score
+    rows = report.table()
+    assert all(row.keys() == rows[0].keys() for row in rows) and "mean_ema_val_loss" in rows[0]

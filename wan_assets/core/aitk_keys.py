@@ -221,7 +221,12 @@ KEYS: tuple[AitkKey, ...] = (
     *_rows("datasets[]", _OFF, "audio", "do_audio", "audio_preserve_pitch", "audio_normalize"),
     # Frame windows per clip belong to the data layer (docs/architecture.md §4, frame_extraction).
     *_rows("datasets[]", _OFF, "a frame count per clip", "auto_frame_count", fix="set num_frames (4k+1)"),
-    *_rows("datasets[]", ANY, "the auto frame count's tail trim (used only with auto_frame_count)", "trim_auto_frame_count_tail"),
+    *_rows(
+        "datasets[]",
+        ANY,
+        "the auto frame count's tail trim (used only with auto_frame_count)",
+        "trim_auto_frame_count_tail",
+    ),
     # --- train -----------------------------------------------------------------------------------------
     *_rows("train", (True,), "freezing the transformer", "train_unet"),
     *_rows("train", ANY, "text caching: embeddings are always cached per caption", "cache_text_embeddings"),
@@ -462,7 +467,9 @@ KEYS: tuple[AitkKey, ...] = (
         "vae_dtype",
         "te_dtype",
     ),
-    *_rows("model", _NO_PATH, "a separate VAE file", "vae_path", fix="remove it; the VAE comes from name_or_path"),
+    *_rows(
+        "model", _NO_PATH, "a separate VAE file", "vae_path", fix="remove it; the VAE comes from name_or_path"
+    ),
     *_rows("model", _NO_PATH, "a refiner", "refiner_name_or_path"),
     *_rows("model", ANY, "the refiner start (used only with a refiner)", "refiner_start_at"),
     *_rows("model", (None,), "a latent space version", "latent_space_version"),
@@ -530,8 +537,26 @@ KEYS: tuple[AitkKey, ...] = (
     *_rows("sample", _NO_LIST, "extra values", "extra_values"),
     *_rows("sample", _OFF, "CFG normalisation", "do_cfg_norm"),
     *_rows("sample.samples[]", (1, 1.0), "a LoRA strength other than 1 in samples", "network_multiplier"),
-    *_rows("sample.samples[]", (None,), "per-prompt sample settings", "width", "height", "neg", "guidance_scale", "sample_steps", "fps", "num_frames", fix="set it in the sample section"),
-    *_rows("sample.samples[]", _NO_PATH, "a control image under ai-toolkit's multi-image name", "ctrl_img_1", fix="use ctrl_img"),
+    *_rows(
+        "sample.samples[]",
+        (None,),
+        "per-prompt sample settings",
+        "width",
+        "height",
+        "neg",
+        "guidance_scale",
+        "sample_steps",
+        "fps",
+        "num_frames",
+        fix="set it in the sample section",
+    ),
+    *_rows(
+        "sample.samples[]",
+        _NO_PATH,
+        "a control image under ai-toolkit's multi-image name",
+        "ctrl_img_1",
+        fix="use ctrl_img",
+    ),
     *_rows("sample.samples[]", (0,), "a control image index", "ctrl_idx"),
     *_rows(
         "sample.samples[]",
@@ -668,7 +693,10 @@ def reference_markdown(fields: dict[str, list[str]]) -> str:
     for row in KEYS:
         accepted = "any value" if row.accepts == ANY else " or ".join(f"`{_show(v)}`" for v in row.accepts)
         groups.setdefault((row.section or "(process)", accepted, row.asks), []).append(row.key)
-    lines += ["", "| section | keys | accepted (listed in the one warning) | any other value asks for (an error) |"]
+    lines += [
+        "",
+        "| section | keys | accepted (listed in the one warning) | any other value asks for (an error) |",
+    ]
     lines += ["|---|---|---|---|"]
     for (section, accepted, asks), keys in groups.items():
         refused = "never refused: " + asks if accepted == "any value" else asks

@@ -69,7 +69,9 @@ class EvaluationReport:
             rows[step]["mean_val_loss"] = mean
         for step, mean in self.mean_by_step(ema=True).items():
             rows[step]["mean_ema_val_loss"] = mean
-        return [rows[k] for k in sorted(rows)]
+        # Same columns in every row (the UI table's schema): the base has no EMA weights.
+        columns = dict.fromkeys(key for row in rows.values() for key in row)
+        return [{c: rows[k].get(c, float("nan")) for c in columns} for k in sorted(rows)]
 
     @property
     def _num_quantiles(self) -> int:
