@@ -52,6 +52,7 @@ class WanProjectResource(ConfigurableResource):
     @contextmanager
     def encoder(self) -> Iterator[EncoderHandle]:
         """Encoders on a GPU this step holds alone (one per GPU across concurrent steps)."""
-        model_path = self._workdir.ensure_model(self.job().process.model.name_or_path)
+        model = self.job().process.model
+        self._workdir.ensure_model(model.name_or_path)
         with claim_device(self._workdir.root / "locks", self.device) as device:
-            yield EncoderHandle.create(model_path, str(device))
+            yield EncoderHandle.create(model, str(device))

@@ -59,7 +59,7 @@ def cmd_cache(args: argparse.Namespace) -> int:
     from wan_assets.core.progress import progress
 
     workdir, job = _load(args)
-    encoder = EncoderHandle.create(job.process.model.name_or_path)
+    encoder = EncoderHandle.create(job.process.model)
     report = cache_dataset(
         job, workdir.cache, encoder, progress=lambda it: progress(it, desc="caching clips")
     )

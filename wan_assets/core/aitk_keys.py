@@ -426,12 +426,6 @@ KEYS: tuple[AitkKey, ...] = (
     ),
     *_rows(
         "model",
-        ANY,
-        "where ai-toolkit takes the VAE and text encoder from; they come from name_or_path",
-        "extras_name_or_path",
-    ),
-    *_rows(
-        "model",
         _NO_PATH,
         "an assistant LoRA",
         "assistant_lora_path",
@@ -467,9 +461,6 @@ KEYS: tuple[AitkKey, ...] = (
         "vae_dtype",
         "te_dtype",
     ),
-    *_rows(
-        "model", _NO_PATH, "a separate VAE file", "vae_path", fix="remove it; the VAE comes from name_or_path"
-    ),
     *_rows("model", _NO_PATH, "a refiner", "refiner_name_or_path"),
     *_rows("model", ANY, "the refiner start (used only with a refiner)", "refiner_start_at"),
     *_rows("model", (None,), "a latent space version", "latent_space_version"),
@@ -493,7 +484,6 @@ KEYS: tuple[AitkKey, ...] = (
         "its split ratio (used only with split_model_over_gpus)",
         "split_model_other_module_param_count_scale",
     ),
-    *_rows("model", _NO_PATH, "a separate text encoder", "te_name_or_path"),
     *_rows(
         "model",
         _OFF,

@@ -20,7 +20,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from wan_assets.core import aitk_keys
 from wan_assets.core.experts import EXPERTS, Expert
@@ -434,6 +442,15 @@ class ModelKwargs(_Model):
 class ModelConfig(_Model):
     name_or_path: str
     arch: Literal["wan22_14b_i2v"] = "wan22_14b_i2v"
+    # Where the parts come from (model/sources.py, docs/architecture.md §3.1). ai-toolkit's keys:
+    # extras_name_or_path (VAE, text encoder, tokenizer, scheduler; default name_or_path), vae_path,
+    # te_name_or_path (also read as text_encoder_path). This project's: one file or shard folder per
+    # expert. A file replaces that part of its root; its config still comes from the root.
+    extras_name_or_path: str | None = None
+    high_noise_path: str | None = None
+    low_noise_path: str | None = None
+    vae_path: str | None = None
+    te_name_or_path: str | None = Field(default=None, alias="text_encoder_path")
     # Weight-only quantization of the frozen experts (memory mode): qfloat8/float8 -> torchao fp8
     # weight-only, qint8/int8 -> int8 weight-only, uint4/int4 -> uint4 with a scale per 64 weights.
     # ai-toolkit's "uint4|<accuracy recovery adapter>" is split into both keys; the adapter is not
@@ -538,6 +555,13 @@ class JobConfig(_Model):
     process: ProcessConfig
     meta: dict[str, Any] = Field(default_factory=dict)
     source: Path | None = None
+    # Key path -> the string as written, for every value that had `${VAR}` substituted; shared files
+    # (exported LoRAs) show these instead of the machine's values (model/metadata.py).
+    _templates: dict[str, str] = PrivateAttr(default_factory=dict)
+
+    @property
+    def templates(self) -> dict[str, str]:
+        return dict(self._templates)
 
     @property
     def experts(self) -> tuple[str, ...]:
@@ -590,8 +614,9 @@ def parse_config(raw: Any, *, source: Path | None = None, workdir: str | Path | 
     if unwrapped is None:
         raise ConfigError(problems, source=source)
     process_raw, name, meta = unwrapped
-    process_raw = _substitute(process_raw, name, problems)
-    meta = _substitute(meta, name, problems, "meta")
+    templates: dict[str, str] = {}
+    process_raw = _substitute(process_raw, name, problems, templates=templates)
+    meta = _substitute(meta, name, problems, "meta", templates=templates)
     base = Path(workdir) if workdir is not None else default_workdir()
     inert: list[str] = []
     if isinstance(process_raw, dict):
@@ -603,6 +628,7 @@ def parse_config(raw: Any, *, source: Path | None = None, workdir: str | Path | 
         folders = _raw_folder_problems(process_raw, base)
         raise ConfigError([*problems, *_describe(exc, ProcessConfig), *folders], source=source) from None
     job = JobConfig(name=name, process=process, meta=meta, source=source)
+    job._templates.update(templates)
     job = _resolve_paths(job, base, problems)
     if problems:
         raise ConfigError(problems, source=source)
@@ -663,9 +689,14 @@ def _unwrap_job(raw: Any, problems: list[str]) -> tuple[dict, str, dict] | None:
     return processes[0], str(config["name"]), dict(meta)
 
 
-def _substitute(value: Any, name: str, problems: list[str], path: str = "") -> Any:
-    """`[name]` -> the job name and `${VAR}` -> the environment, in every string, as ai-toolkit does."""
+def _substitute(
+    value: Any, name: str, problems: list[str], path: str = "", *, templates: dict[str, str]
+) -> Any:
+    """`[name]` -> the job name and `${VAR}` -> the environment, in every string, as ai-toolkit does;
+    `templates` records the strings that named a variable, as written."""
     if isinstance(value, str):
+        if _ENV.search(value):
+            templates[path] = value
 
         def env(match: re.Match) -> str:
             var = match.group(1)
@@ -677,10 +708,13 @@ def _substitute(value: Any, name: str, problems: list[str], path: str = "") -> A
         return _ENV.sub(env, value.replace("[name]", name))
     if isinstance(value, dict):
         return {
-            k: _substitute(v, name, problems, f"{path}.{k}" if path else str(k)) for k, v in value.items()
+            k: _substitute(v, name, problems, f"{path}.{k}" if path else str(k), templates=templates)
+            for k, v in value.items()
         }
     if isinstance(value, list):
-        return [_substitute(v, name, problems, f"{path}[{i}]") for i, v in enumerate(value)]
+        return [
+            _substitute(v, name, problems, f"{path}[{i}]", templates=templates) for i, v in enumerate(value)
+        ]
     return value
 
 
@@ -832,9 +866,7 @@ def _resolve_paths(job: JobConfig, base: Path, problems: list[str]) -> JobConfig
         validation = validation.model_copy(update={"folder_path": folder})
         if not folder.is_dir():
             problems.append(f"validation.folder_path: folder {folder} does not exist")
-    model = job.process.model
-    if _is_workdir_relative(model.name_or_path, base):
-        model = model.model_copy(update={"name_or_path": str(_under(base, Path(model.name_or_path)))})
+    model = _resolve_model_paths(job.process.model, base)
     process = job.process.model_copy(
         update={
             "datasets": datasets,
@@ -865,6 +897,23 @@ def _raw_folder_problems(process_raw: Any, base: Path) -> list[str]:
         if isinstance(folder, str) and folder:
             problems += _missing_dataset_folder(i, _under(base, Path(folder)))
     return problems
+
+
+MODEL_FILE_KEYS = ("high_noise_path", "low_noise_path", "vae_path", "te_name_or_path")
+
+
+def _resolve_model_paths(model: ModelConfig, base: Path) -> ModelConfig:
+    """Roots as `_is_workdir_relative` tells folders from hub ids; part files always local."""
+    update: dict[str, str] = {}
+    for key in ("name_or_path", "extras_name_or_path"):
+        value = getattr(model, key)
+        if value is not None and _is_workdir_relative(value, base):
+            update[key] = str(_under(base, Path(value)))
+    for key in MODEL_FILE_KEYS:
+        value = getattr(model, key)
+        if value is not None:
+            update[key] = str(_under(base, Path(value)))
+    return model.model_copy(update=update)
 
 
 def _resolve_samples(sample: SampleConfig | None, base: Path) -> SampleConfig | None:
@@ -907,7 +956,7 @@ def field_sections(model: type[BaseModel] = ProcessConfig, section: str = "") ->
     """The implemented keys by section (`datasets[]` for the list of datasets), for the README."""
     out: dict[str, list[str]] = {section: []}
     for name, field in model.model_fields.items():
-        out[section].append(field.alias or name)
+        out[section] += [name] if not field.alias or field.alias == name else [name, field.alias]
         sub, container = _submodel(field.annotation), _container(field.annotation)
         if sub is not None and (container is None or container[0] == "list"):
             inner = f"{section}.{name}" if section else name

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from wan_assets.core.config import DatasetConfig, JobConfig
+from wan_assets.core.config import DatasetConfig, JobConfig, ModelConfig
 from wan_assets.core.data.buckets import Bucket, BucketError, choose_bucket, pixel_budget
 from wan_assets.core.data.captions import CaptionError, read_caption, require_caption
 from wan_assets.core.data.frames import FrameSampling, FrameSamplingError, plan_frames
@@ -155,7 +155,7 @@ def caption_clip(source: ClipSource, job: JobConfig) -> str:
 class EncoderHandle:
     """Loads the VAE and text encoder on first use, so a fully cached clip never loads a model."""
 
-    model_path: str
+    source: str | ModelConfig  # a model root, or a run's `model` config with per-part files
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     vae_dtype: torch.dtype = torch.float32
     text_dtype: torch.dtype = torch.float32
@@ -163,18 +163,18 @@ class EncoderHandle:
     _identity: dict[str, str] | None = None
 
     @classmethod
-    def create(cls, model_path: str, device: str = "auto") -> EncoderHandle:
+    def create(cls, source: str | ModelConfig, device: str = "auto") -> EncoderHandle:
         """bf16 encoders on CUDA (as diffusers runs Wan), fp32 on CPU."""
         dev = pick_device(device)
         dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
-        return cls(model_path, device=dev, vae_dtype=dtype, text_dtype=dtype)
+        return cls(source, device=dev, vae_dtype=dtype, text_dtype=dtype)
 
     def get(self) -> ClipEncoder:
         if self._encoder is None:
             from wan_assets.core.model.loading import load_wan_model
 
             parts = load_wan_model(
-                self.model_path,
+                self.source,
                 dtype=self.text_dtype,
                 vae_dtype=self.vae_dtype,
                 device=self.device,
@@ -195,11 +195,16 @@ class EncoderHandle:
     def identity(self) -> dict[str, str]:
         """Encoder identities for the content keys (no model load needed)."""
         if self._identity is None:
-            local = Path(self.model_path)
-            if local.is_dir():
-                ids = {sub: component_identity(local, sub) for sub in ("vae", "text_encoder", "tokenizer")}
-            else:
-                ids = {sub: f"{self.model_path}/{sub}" for sub in ("vae", "text_encoder", "tokenizer")}
+            from wan_assets.core.model.sources import WanSources
+
+            sources = WanSources.of(self.source)
+            ids = {}
+            for part in ("vae", "text_encoder", "tokenizer"):
+                root, subfolder = sources.location(part)
+                local = Path(root) / subfolder
+                ids[part] = component_identity(root, subfolder) if local.exists() else f"{root}/{subfolder}"
+                if part in sources.files:  # its config comes from the root
+                    ids[f"{part}_config"] = f"{sources.layout(part)}:{sources.root(part)}"
             self._identity = {**ids, "vae_dtype": str(self.vae_dtype), "text_dtype": str(self.text_dtype)}
         return self._identity
 

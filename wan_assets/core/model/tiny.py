@@ -68,7 +68,7 @@ TINY_VAE: dict[str, Any] = {
     "base_dim": 8,
     "z_dim": 16,
     "dim_mult": [1, 2, 4, 4],
-    "num_res_blocks": 1,
+    "num_res_blocks": 2,
     "attn_scales": [],
     "temperal_downsample": [False, True, True],
 }

@@ -38,17 +38,14 @@ def preflight(
 
 
 def model_problems(job: JobConfig, *, buildable_model: Path | None = None) -> list[str]:
-    """The model folder (or hub repo) is a whole Wan 2.2 I2V-A14B in the diffusers layout."""
-    from wan_assets.core.model.loading import check_model_layout
+    """Every part of the model can be loaded from where the config says: the roots (diffusers folder,
+    hub repo or official release folder) and each part's own file, by its keys and shapes."""
+    from wan_assets.core.model.loading import source_problems
 
-    name = job.process.model.name_or_path
-    if buildable_model is not None and Path(name) == buildable_model:
+    model = job.process.model
+    if buildable_model is not None and Path(model.name_or_path) == buildable_model:
         return []
-    try:
-        check_model_layout(name)
-    except (FileNotFoundError, ValueError) as exc:
-        return [f"model.name_or_path: {exc}"]
-    return []
+    return source_problems(model)
 
 
 def _backend_problems(job: JobConfig) -> list[str]:
