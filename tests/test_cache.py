@@ -179,3 +179,50 @@ def test_index_identity_is_its_content_not_its_file(tiny_cache: Path, tmp_path: 
     clips[first] |= {"split": split, "text_key": "0" * 64}
     rewritten.write_text(json.dumps({**data, "clips": clips}))
     assert load_index(rewritten).identity() != index.identity()
+
+
+# --- per dataset: its own validation split, caption dropout and repeats ------------------------------
+
+
+def _two_datasets(tiny_cache: Path, tmp_path: Path, tiny_model_dir: Path, first: dict, second: dict):
+    """The tiny cache's clips split over two datasets (alternately), with their own settings."""
+    import dataclasses
+
+    from wan_assets.core.data.cache import build_index
+
+    (source,) = (tiny_cache / "cache" / "index").glob("*.json")
+    records = [
+        dataclasses.replace(r, dataset_index=i % 2) for i, r in enumerate(load_index(source).clips.values())
+    ]
+    raw = data_config(tmp_path, tiny_model_dir, **first)
+    raw["config"]["process"][0]["datasets"].append({**raw["config"]["process"][0]["datasets"][0], **second})
+    job = parse_config(raw, workdir=tmp_path).job
+    # The index file goes to tmp_path; its clips' latents stay where the tiny cache wrote them.
+    index = build_index(job, records, tmp_path)
+    return dataclasses.replace(index, cache_dir=tiny_cache / "cache")
+
+
+def test_each_dataset_holds_out_its_own_share(tiny_cache: Path, tmp_path: Path, tiny_model_dir: Path) -> None:
+    index = _two_datasets(
+        tiny_cache, tmp_path, tiny_model_dir, {"validation_split": 0.0}, {"validation_split": 0.5}
+    )
+    held_out = {index.clips[k].dataset_index for k, split in index.splits.items() if split == "val"}
+    assert held_out == {1}  # the max() over datasets once held out dataset 0's clips too
+
+
+def test_repeats_and_caption_dropout_are_per_dataset(
+    tiny_cache: Path, tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    from wan_assets.core.data.batches import BatchStream
+
+    index = _two_datasets(
+        tiny_cache, tmp_path, tiny_model_dir, {"validation_split": 0.0}, {"validation_split": 0.0}
+    )
+    stream = BatchStream(index, batch_size=1, seed=3, caption_dropout=[0.0, 1.0], num_repeats=[1, 3])
+    seen = [key for _, keys in stream.epoch_plan(0) for key in keys]
+    for key, record in index.clips.items():
+        assert seen.count(key) == (3 if record.dataset_index == 1 else 1), key
+    for n in range(stream.batches_per_epoch):
+        batch = stream.batch(n)
+        for key, dropped in zip(batch.clip_keys, batch.dropped, strict=True):
+            assert dropped == (index.clips[key].dataset_index == 1)  # rate 1.0 vs 0.0, never pooled

@@ -97,10 +97,16 @@ def test_flash_attention_without_flash_attn(ready, tmp_path) -> None:
 
 
 @pytest.mark.parametrize("qtype", ["uint4", "int4|ostris/some_adapter.safetensors"])
-def test_int4_needs_cuda(ready, tmp_path, qtype) -> None:
+def test_uint4_trains_anywhere_and_an_adapter_is_named(ready, tmp_path, qtype) -> None:
     _process(ready)["model"].update(quantize=True, qtype=qtype)
-    (problem,) = _problems(ready, tmp_path)
-    assert "(int4 weight-only) needs a CUDA GPU" in problem and "this is cpu" in problem
+    loaded = parse_config(ready, workdir=tmp_path)
+    assert preflight(loaded.job, device=CPU) == []
+    adapter = [w for w in loaded.warnings if "accuracy recovery adapter" in w]
+    if "|" in qtype:
+        (line,) = adapter
+        assert "'ostris/some_adapter.safetensors' is not applied here" in line and "plain uint4" in line
+    else:
+        assert adapter == []
 
 
 @pytest.mark.parametrize("qtype", ["qfloat8", "qint8"])
@@ -119,10 +125,9 @@ def test_fp8_compute_needs_an_fp8_gpu_and_each_option_gets_its_line(ready, tmp_p
     _process(ready)["model"].update(quantize=True, qtype="uint4")
     _process(ready)["train"].update(fp8_compute=True, activation_offload=True, gradient_checkpointing=False)
     problems = _problems(ready, tmp_path)
-    assert len(problems) == 3, problems
-    assert "int4 weight-only" in problems[0]
-    assert problems[1].startswith("train.fp8_compute needs an fp8-capable GPU (sm_89+); this is cpu")
-    assert problems[2].startswith("train.activation_offload")
+    assert len(problems) == 2, problems
+    assert problems[0].startswith("train.fp8_compute needs an fp8-capable GPU (sm_89+); this is cpu")
+    assert problems[1].startswith("train.activation_offload")
 
 
 def test_fp16_on_cpu(ready, tmp_path) -> None:

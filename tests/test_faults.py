@@ -359,7 +359,8 @@ def _timeline(files: RunFiles) -> list[tuple[str, str]]:
         if (step + 1) % SAVE_EVERY == 0:
             saved = files.checkpoint_files(step + 1, ("high_noise", "low_noise"))
             points += [("file", p.name) for p in saved]
-    return points + [("file", files.lora(e).name) for e in ("high_noise", "low_noise")]
+    finals = [files.lora(e, ema=ema).name for e in ("high_noise", "low_noise") for ema in (False, files.ema)]
+    return points + [("file", name) for name in dict.fromkeys(finals)]
 
 
 NUM_KILLS = 20
@@ -387,7 +388,15 @@ def test_killed_anywhere_resumes_to_the_same_run(
     tmp_path: Path, tiny_cache: Path, clips_dir: Path, tiny_model_dir: Path
 ) -> None:
     args = (tmp_path, clips_dir, tiny_model_dir, tiny_cache)
-    common = dict(save_every=SAVE_EVERY, steps=NUM_STEPS, switch_boundary_every=3)
+    # With EMA weights and a warm-up schedule, whose state must survive every kill point too.
+    common = dict(
+        save_every=SAVE_EVERY,
+        steps=NUM_STEPS,
+        switch_boundary_every=3,
+        ema_config={"use_ema": True, "ema_decay": 0.9},
+        lr_scheduler="constant_with_warmup",
+        lr_warmup_steps=6,
+    )
     reference = train(_job(*args, "ref", **common)[0], tiny_cache / "cache").files
     job, config = _job(*args, "killed", **common)
     files = RunFiles.of(job)
@@ -406,11 +415,12 @@ def test_killed_anywhere_resumes_to_the_same_run(
     assert done.returncode == 0, done.stderr
     _assert_same_run(files, reference, job.experts)
     assert files.complete_steps(job.experts) == reference.complete_steps(job.experts)
-    for step in files.complete_steps(job.experts):
+    for step in [*files.complete_steps(job.experts), None]:
         for expert in job.experts:
-            ours, theirs = (
-                load_file(str(files.lora(expert, step))),
-                load_file(str(reference.lora(expert, step))),
-            )
-            assert all(torch.equal(ours[k], theirs[k]) for k in theirs), (step, expert)
+            for ema in (False, True):
+                ours, theirs = (
+                    load_file(str(files.lora(expert, step, ema=ema))),
+                    load_file(str(reference.lora(expert, step, ema=ema))),
+                )
+                assert all(torch.equal(ours[k], theirs[k]) for k in theirs), (step, expert, ema)
     assert not any(is_temp_name(p.name) for p in files.root.iterdir())

@@ -18,7 +18,9 @@ from wan_assets.core.train.optim import (
     load_optimizer_state,
 )
 
-OPTIMIZERS = ["adamw", "adamw8bit", "automagic"]
+OPTIMIZERS = ["adamw", "adamw8bit", "automagic", "prodigy"]
+# Those that take a learning rate per group as given (prodigy estimates one step size for all).
+PER_GROUP_LR = ["adamw", "adamw8bit", "automagic"]
 # torchao's own warning about its tensor subclass and torch.compile caching; nothing to act on here.
 pytestmark = pytest.mark.filterwarnings("ignore:OptimState8bit does not implement:UserWarning")
 
@@ -47,7 +49,7 @@ def _roundtrip(obj: object) -> object:
 # --- groups ----------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("optimizer", OPTIMIZERS)
+@pytest.mark.parametrize("optimizer", PER_GROUP_LR)
 def test_one_group_per_expert_in_expert_order(optimizer: str) -> None:
     train = _train(optimizer, lr=1e-4, high_noise_lr=2e-4, low_noise_lr=5e-5)
     # Insertion order low-then-high must not matter: group 0 is high_noise, as lr_0 in the metrics.
@@ -59,7 +61,7 @@ def test_one_group_per_expert_in_expert_order(optimizer: str) -> None:
     assert group_lr(opt, 1) == pytest.approx(5e-5)
 
 
-@pytest.mark.parametrize("optimizer", OPTIMIZERS)
+@pytest.mark.parametrize("optimizer", PER_GROUP_LR)
 def test_single_expert_run_has_one_group(optimizer: str) -> None:
     opt = build_optimizer(_train(optimizer, lr=3e-5, high_noise_lr=1e-3), {"low_noise": [_param(2, 2)]})
     assert [g["expert"] for g in opt.param_groups] == ["low_noise"]
@@ -326,3 +328,118 @@ def test_loaded_state_lives_where_the_steps_run(optimizer: str) -> None:
     }
     if torch.is_tensor(state.get("step")):
         assert state["step"].device.type == "cpu"  # torch keeps it on the host unless fused
+
+
+# --- lr schedules (ai-toolkit's toolkit/scheduler.py) and EMA ----------------------------------------
+
+
+def _torch_schedule(name: str, optimizer: torch.optim.Optimizer, steps: int, **params: object):
+    """The scheduler ai-toolkit's get_lr_scheduler builds (total_iters = train.steps)."""
+    from diffusers.optimization import get_constant_schedule_with_warmup
+
+    params = {"total_iters": steps, **params}  # get_lr_scheduler: total_iters unless given
+    if name == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(
+            optimizer, T_max=params.pop("total_iters"), **params
+        )
+    if name == "cosine_with_restarts":
+        return torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(
+            optimizer, T_0=params.pop("total_iters"), **params
+        )
+    if name == "step":
+        params.pop("total_iters")
+        return torch.optim.lr_scheduler.StepLR(optimizer, **params)
+    if name == "constant":
+        return torch.optim.lr_scheduler.ConstantLR(optimizer, **{"factor": 1.0, **params})
+    if name == "linear":
+        return torch.optim.lr_scheduler.LinearLR(optimizer, **params)
+    assert name == "constant_with_warmup"
+    params.pop("total_iters")
+    return get_constant_schedule_with_warmup(optimizer, **params)
+
+
+@pytest.mark.parametrize(
+    ("name", "params"),
+    [
+        ("constant", {}),
+        ("constant", {"factor": 0.5, "total_iters": 7}),
+        ("linear", {}),
+        ("linear", {"start_factor": 0.1, "end_factor": 0.5}),
+        ("cosine", {}),
+        ("cosine", {"eta_min": 1e-5}),
+        ("cosine_with_restarts", {"total_iters": 6, "T_mult": 2}),
+        ("cosine", {"total_iters": 8}),
+        ("step", {"step_size": 5, "gamma": 0.5}),
+        ("constant_with_warmup", {"num_warmup_steps": 8}),
+    ],
+)
+def test_lr_schedule_matches_the_torch_scheduler_ai_toolkit_builds(name: str, params: dict) -> None:
+    from wan_assets.core.config import LRSchedulerParams
+    from wan_assets.core.train.lr_schedule import lr_at, set_lr
+
+    steps = 20
+    train = TrainConfig(
+        optimizer="adamw",
+        lr=1e-3,
+        steps=steps,
+        lr_scheduler=name,
+        lr_scheduler_params=LRSchedulerParams(**params),
+    )
+    reference = torch.optim.AdamW([_param(2)], lr=1e-3)
+    schedule = _torch_schedule(name, reference, steps, **params)
+    expected = []
+    for _ in range(steps + 5):
+        expected.append(reference.param_groups[0]["lr"])
+        reference.step()
+        schedule.step()
+    ours = build_optimizer(train, {"high_noise": [_param(2)]})
+    got = []
+    for step in range(steps + 5):
+        set_lr(ours, train, step)
+        got.append(group_lr(ours, 0))
+        assert got[-1] == pytest.approx(lr_at(train, 1e-3, step))
+    assert got == pytest.approx(expected, rel=1e-9, abs=1e-15)
+
+
+def test_ema_is_ai_toolkits_average_and_applies_only_inside_its_block() -> None:
+    from wan_assets.core.train.ema import LoraEMA
+
+    params = {"high_noise": [_param(3, 2)], "low_noise": [_param(4, seed=1)]}
+    start = {e: [p.detach().clone() for p in ps] for e, ps in params.items()}
+    ema = LoraEMA(params, decay=0.9)
+    expected = {e: [s.clone() for s in ss] for e, ss in start.items()}
+    for step in range(5):
+        with torch.no_grad():
+            params["high_noise"][0].add_(float(step + 1))  # only the active expert moves
+        ema.update()
+        for e, ps in params.items():  # toolkit/ema.py: s -= (1 - decay) * (s - p), every param
+            for s, p in zip(expected[e], ps, strict=True):
+                s -= (1 - 0.9) * (s - p.detach())
+    for e in params:
+        assert torch.allclose(ema.shadow[e][0], expected[e][0], atol=1e-6)
+    raw = params["high_noise"][0].detach().clone()
+    with ema.applied("high_noise"):
+        assert torch.allclose(params["high_noise"][0], expected["high_noise"][0], atol=1e-6)
+    assert torch.equal(params["high_noise"][0], raw)
+    fresh = LoraEMA({e: [p.detach().clone() for p in ps] for e, ps in params.items()}, decay=0.9)
+    fresh.load_state_dict(_roundtrip(ema.state_dict()))
+    assert all(torch.equal(a, b) for e in params for a, b in zip(fresh.shadow[e], ema.shadow[e], strict=True))
+
+
+def test_prodigy_trains_at_lr_one_like_ai_toolkit_and_logs_its_step_size() -> None:
+    train = _train("prodigy", lr=1e-4)
+    assert train.start_lr == 1.0
+    params = {"high_noise": [_param(8, 4)]}
+    opt = build_optimizer(train, params)
+    assert opt.param_groups[0]["lr"] == 1.0 and opt.param_groups[0]["eps"] == 1e-6  # ai-toolkit's eps
+    params["high_noise"][0].grad = torch.ones(8, 4)
+    opt.step()
+    group = opt.param_groups[0]
+    assert group_lr(opt, 0) == pytest.approx(float(group["d"]) * 1.0)
+
+
+def test_prodigy_refuses_per_expert_lrs() -> None:
+    from wan_assets.core.train.optim import check_optimizer
+
+    with pytest.raises(ConfigError, match="prodigy estimates one step size"):
+        check_optimizer(_train("prodigy", lr=1.0, high_noise_lr=0.5), ["high_noise", "low_noise"])

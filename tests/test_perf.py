@@ -274,7 +274,11 @@ def test_float8_frozen_linear_math() -> None:
     ("options", "model_cfg", "message"),
     [
         ({"fp8_compute": True}, MODEL, "train.fp8_compute needs an fp8-capable GPU (sm_89+); this is cpu"),
-        ({}, ModelConfig(name_or_path="t", quantize=True, qtype="uint4"), "needs a CUDA GPU"),
+        (
+            {"fp8_compute": True},
+            ModelConfig(name_or_path="t", quantize=True, qtype="uint4"),
+            "train.fp8_compute needs an fp8-capable GPU",
+        ),
         ({}, ModelConfig(name_or_path="t", quantize=True, qtype="nf5"), "model.qtype 'nf5' is not supported"),
         (
             {"activation_offload": True, "gradient_checkpointing": False},

@@ -62,14 +62,21 @@ def losses(path: Path) -> list[tuple[int, str, float | None]]:
     return [(line["step"], line["expert"], line["loss"]) for line in read_lines(path)]
 
 
-def lora_tensors(files: RunFiles, experts) -> dict[str, torch.Tensor]:
-    return {f"{e}/{k}": v for e in experts for k, v in load_file(str(files.lora(e))).items()}
+def lora_tensors(files: RunFiles, experts, *, ema: bool = False) -> dict[str, torch.Tensor]:
+    return {f"{e}/{k}": v for e in experts for k, v in load_file(str(files.lora(e, ema=ema))).items()}
 
 
 def test_exact_resume_after_sigkill(
     tmp_path: Path, tiny_cache: Path, clips_dir: Path, tiny_model_dir: Path
 ) -> None:
-    common = dict(steps=230, gradient_accumulation=2, switch_boundary_every=3)
+    # A cosine schedule and EMA weights: both must continue exactly where the checkpoint left them.
+    common = dict(
+        steps=230,
+        gradient_accumulation=2,
+        switch_boundary_every=3,
+        lr_scheduler="cosine",
+        ema_config={"use_ema": True, "ema_decay": 0.9},
+    )
     reference_raw = with_phases(job_raw(clips_dir, tiny_model_dir, tmp_path / "ref", **common))
     reference_raw["config"]["process"][0]["save"] = {
         "dtype": "fp32",
@@ -85,7 +92,7 @@ def test_exact_resume_after_sigkill(
     killed_raw["config"]["process"][0]["training_folder"] = str(tmp_path / "killed")
     config = tmp_path / "killed.yaml"
     config.write_text(yaml.safe_dump(killed_raw, sort_keys=False))
-    files = RunFiles(tmp_path / "killed" / "tiny_i2v_lora", "tiny_i2v_lora")
+    files = RunFiles(tmp_path / "killed" / "tiny_i2v_lora", "tiny_i2v_lora", ema=True)
     proc = run_cli(config, tiny_cache)
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and proc.poll() is None:
@@ -105,10 +112,14 @@ def test_exact_resume_after_sigkill(
     assert resumed.returncode == 0, out
     assert f"resumed tiny_i2v_lora at step {checkpoint}" in out
     assert losses(files.metrics) == losses(ref.files.metrics)
-    ours, theirs = lora_tensors(files, ref_job.experts), lora_tensors(ref.files, ref_job.experts)
-    assert ours.keys() == theirs.keys()
-    for key in ours:
-        assert torch.equal(ours[key], theirs[key]), key
+    for ema in (False, True):
+        ours = lora_tensors(files, ref_job.experts, ema=ema)
+        theirs = lora_tensors(ref.files, ref_job.experts, ema=ema)
+        assert ours.keys() == theirs.keys()
+        for key in ours:
+            assert torch.equal(ours[key], theirs[key]), (ema, key)
+    lrs = [line["lr_0"] for line in read_lines(files.metrics)]
+    assert lrs[0] == pytest.approx(2e-3) and lrs[-1] < 1e-5  # the cosine ran its course
     # Retention kept two checkpoints; the JSONL has exactly one line per step.
     assert len(files.complete_steps(ref_job.experts)) == 2
     assert [line["step"] for line in read_lines(files.metrics)] == list(range(230))
@@ -272,7 +283,7 @@ def test_seed_example_config_trains_on_the_tiny_model(
 ) -> None:
     raw = yaml.safe_load((CONFIGS / "i2v_lora_alpha_scheduling.yaml").read_text())
     process = raw["config"]["process"][0]
-    process["model"].update(name_or_path=str(tiny_model_dir), quantize=False)  # seed: uint4, CUDA only
+    process["model"].update(name_or_path=str(tiny_model_dir))
     process["training_folder"] = str(tmp_path)
     process["datasets"][0].update(folder_path=str(clips_dir), num_frames=9, max_pixels_per_frame=4096, fps=4)
     process["train"].update(steps=4, attention_backend="sdpa", dtype="fp32")
@@ -292,7 +303,8 @@ def test_seed_example_config_trains_on_the_tiny_model(
     lines = read_lines(result.files.metrics)
     assert len(lines) == 4 and all(line["loss"] is not None for line in lines)
     assert lines[0]["conv_alpha"] == 8.0 and lines[0]["lora_scale"] == 8.0 / 4
-    assert [p.name for p in result.samples] == ["000000004_0.mp4"]
+    # ai-toolkit's baseline samples before the first step, then sample_every / the end.
+    assert [p.name for p in result.samples] == ["000000000_0.mp4", "000000004_0.mp4"]
 
 
 def test_flash_backend_without_flash_attn_is_a_clear_error(
@@ -348,3 +360,60 @@ def test_it_learns(tmp_path: Path, tiny_cache: Path, clips_dir: Path, tiny_model
     for expert in job.experts:
         # Measured on this tiny model after 300 steps: 0.71x (high noise) and 0.73x (low noise) the base.
         assert trained[expert] < 0.9 * base[expert], (expert, trained, base)
+
+
+def test_prodigy_linear_schedule_and_ema_resume_exactly(
+    tmp_path: Path, tiny_cache: Path, clips_dir: Path, tiny_model_dir: Path
+) -> None:
+    """Prodigy's state (its d estimate), the schedule's step and the EMA weights all travel in the
+    checkpoint: stopped at a checkpoint and resumed, the run is the uninterrupted one, bit for bit."""
+    train_keys = dict(
+        steps=8,
+        switch_boundary_every=2,
+        optimizer="prodigy",
+        lr=1.0,
+        lr_scheduler="linear",
+        ema_config={"use_ema": True, "ema_decay": 0.8},
+    )
+
+    def job(folder: str):
+        raw = job_raw(clips_dir, tiny_model_dir, tmp_path / folder, **train_keys)
+        raw["config"]["process"][0]["save"] = {"dtype": "fp32", "save_every": 4, "max_step_saves_to_keep": 3}
+        return parse_config(raw, workdir=tiny_cache).job
+
+    ref = train(job("ref"), tiny_cache / "cache")
+    train(job("split"), tiny_cache / "cache", stop_after=4)
+    split = train(job("split"), tiny_cache / "cache", resume_run=True)
+    assert losses(split.files.metrics) == losses(ref.files.metrics)
+    ref_lines = read_lines(ref.files.metrics)
+    assert [line["lr_0"] for line in read_lines(split.files.metrics)] == [line["lr_0"] for line in ref_lines]
+    assert ref_lines[1]["lr_0"] != ref_lines[0]["lr_0"]  # prodigy's d grows and the schedule ramps
+    experts = ("high_noise", "low_noise")
+    for ema in (False, True):
+        ours, theirs = lora_tensors(split.files, experts, ema=ema), lora_tensors(ref.files, experts, ema=ema)
+        assert all(torch.equal(ours[k], theirs[k]) for k in theirs), ema
+    raw_w, ema_w = lora_tensors(ref.files, experts), lora_tensors(ref.files, experts, ema=True)
+    assert any(not torch.equal(raw_w[k], ema_w[k]) for k in raw_w), "the EMA files hold the average"
+
+
+def test_ema_checkpoints_are_evaluated_beside_the_raw_ones(
+    tmp_path: Path, tiny_cache: Path, clips_dir: Path, tiny_model_dir: Path
+) -> None:
+    from wan_assets.core.eval.checkpoints import evaluate_run
+
+    raw = job_raw(
+        clips_dir, tiny_model_dir, tmp_path, steps=4, ema_config={"use_ema": True, "ema_decay": 0.5}
+    )
+    process = raw["config"]["process"][0]
+    process["save"] = {"dtype": "fp32", "save_every": 2, "max_step_saves_to_keep": 3}
+    process["validation"] = {"num_samples": 0, "timestep_quantiles": [0.5]}
+    job = parse_config(raw, workdir=tiny_cache).job
+    train(job, tiny_cache / "cache")
+    report = evaluate_run(job, tiny_cache / "cache", device=torch.device("cpu"))
+    ema = [s for s in report.scores if s.ema]
+    assert {s.step for s in ema} == {2, 4} and all(s.checkpoint.endswith("_ema.safetensors") for s in ema)
+    raw_means, ema_means = report.mean_by_step(), report.mean_by_step(ema=True)
+    assert set(raw_means) == {0, 2, 4} and set(ema_means) == {2, 4}
+    assert ema_means[4] != raw_means[4]  # other weights, another score
+    rows = report.table()
+    assert all(row.keys() == rows[0].keys() for row in rows) and "mean_ema_val_loss" in rows[0]

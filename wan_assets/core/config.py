@@ -1,8 +1,11 @@
 """The ai-toolkit job format, parsed once into typed, frozen models.
 
-Users bring their ai-toolkit YAML files as they are. Every key is either understood (a field below),
-known from ai-toolkit but without effect here (listed in one warning), or a mistake (an error that
-names the key path and the closest valid key). Nothing downstream reads raw dicts.
+Users bring their ai-toolkit YAML files (and the `.job_config.json` its web UI writes) as they are.
+Every key is understood (a field below, or an alias of one in `aitk_keys.ALIASES`), known from
+ai-toolkit and accepted because its value asks for nothing here (listed in one warning), refused
+because its value asks for something not built (`aitk_keys.KEYS` says what), or a mistake (an error
+that names the key path and the closest valid key). All of a file's problems come in one error.
+Nothing downstream reads raw dicts.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import types
 import typing
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import (
@@ -27,6 +30,7 @@ from pydantic import (
     model_validator,
 )
 
+from wan_assets.core import aitk_keys
 from wan_assets.core.experts import EXPERTS, Expert
 
 
@@ -52,8 +56,6 @@ class ConfigError(ValueError):
 
 class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
-    # Keys ai-toolkit accepts here that change nothing in this project (listed in one warning).
-    INERT: ClassVar[frozenset[str]] = frozenset()
 
 
 # --- network -------------------------------------------------------------------------------------
@@ -98,7 +100,6 @@ class PhaseOverride(_Model):
 
 
 class AlphaScheduleConfig(_Model):
-    INERT = frozenset({"conv_alpha", "log_every"})
     enabled: bool = False
     linear_alpha: float | None = None
     # Ordered: the YAML order is the phase order (dicts keep insertion order).
@@ -138,7 +139,6 @@ class NetworkKwargs(_Model):
 
 
 class NetworkConfig(_Model):
-    INERT = frozenset({"conv", "conv_alpha", "transformer_only", "network_threshold"})
     type: Literal["lora", "lokr"] = "lora"
     linear: int = Field(default=16, description="LoRA rank")
     linear_alpha: float = 16.0
@@ -162,7 +162,6 @@ DType = Literal["fp32", "float32", "bf16", "bfloat16", "fp16", "float16"]
 
 
 class SaveConfig(_Model):
-    INERT = frozenset({"push_to_hub", "hf_repo_id", "hf_private", "save_format"})
     dtype: DType = "bf16"
     save_every: int = Field(default=250, gt=0)
     max_step_saves_to_keep: int = Field(default=4, ge=1)
@@ -173,20 +172,18 @@ class SaveConfig(_Model):
 
 
 class LoggingConfig(_Model):
-    INERT = frozenset({"use_wandb", "verbose", "project_name", "run_name"})
     log_every: int = Field(default=10, gt=0)
 
 
 class SamplePrompt(_Model):
-    INERT = frozenset({"network_multiplier"})
     prompt: str
     ctrl_img: str | None = None
     seed: int | None = None
 
 
 class SampleConfig(_Model):
-    INERT = frozenset({"sampler", "walk_seed", "format", "refiner_start_at", "network_multiplier"})
     sample_every: int = Field(default=250, gt=0)
+    sample_start_step: int = Field(default=0, ge=0)
     width: int = 480
     height: int = 320
     num_frames: int = 41
@@ -195,6 +192,8 @@ class SampleConfig(_Model):
     prompts: list[str] = Field(default_factory=list)
     neg: str = ""
     seed: int = 42
+    # ai-toolkit's default: every prompt samples with `seed`; true gives prompt i the seed `seed + i`.
+    walk_seed: bool = False
     guidance_scale: float = 4.0
     sample_steps: int = Field(default=25, gt=0)
 
@@ -202,34 +201,22 @@ class SampleConfig(_Model):
         return [*self.samples, *(SamplePrompt(prompt=p) for p in self.prompts)]
 
     def should_sample(self, step: int, *, final: bool) -> bool:
-        """Samples after `step` optimizer steps: every `sample_every`, and at the end."""
-        return bool(self.all_prompts()) and (final or step % self.sample_every == 0)
+        """Samples after `step` optimizer steps: every `sample_every` from `sample_start_step` on, and
+        at the end (the samples before training, step 0, are `TrainConfig.samples_first`'s)."""
+        due = step > 0 and step >= self.sample_start_step and step % self.sample_every == 0
+        return bool(self.all_prompts()) and (final or due)
+
+    def prompt_seed(self, index: int, prompt: SamplePrompt) -> int:
+        """A prompt's own seed, else `seed` (+ its index with `walk_seed`), as ai-toolkit seeds samples."""
+        if prompt.seed is not None:
+            return prompt.seed
+        return self.seed + index if self.walk_seed else self.seed
 
 
 # --- datasets --------------------------------------------------------------------------------------
 
 
 class DatasetConfig(_Model):
-    INERT = frozenset(
-        {
-            "shuffle_tokens",
-            "cache_latents_to_disk",
-            "cache_latents",
-            "token_dropout_rate",
-            "keep_tokens",
-            "is_reg",
-            "network_weight",
-            "flip_x",
-            "flip_y",
-            "random_scale",
-            "random_crop",
-            "square_crop",
-            "scale",
-            "control_path",
-            "buckets",
-            "bucket_tolerance",
-        }
-    )
     folder_path: Path
     caption_ext: str = ".txt"
     caption_dropout_rate: float = Field(default=0.05, ge=0, le=1)
@@ -244,11 +231,14 @@ class DatasetConfig(_Model):
     temporal_jitter: int = Field(default=0, ge=0)
     cache_variants: int | None = Field(default=None, ge=1)
     do_i2v: bool = True
+    # Held out of this dataset's clips (each dataset keeps its own share).
     validation_split: float = Field(default=0.0, ge=0, lt=1)
     # A clip without a caption file gets one from the `captioner` section's model (a caption file
     # always wins); `write_auto_captions` also writes it next to the clip, never over a file.
     auto_caption: bool = False
     write_auto_captions: bool = False
+    # Each clip of this dataset appears this many times per epoch (ai-toolkit's dataset repeats).
+    num_repeats: int = Field(default=1, ge=1)
 
     @field_validator("caption_ext")
     @classmethod
@@ -299,7 +289,7 @@ class OptimizerParams(_Model):
 
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8
+    eps: float | None = Field(default=None, gt=0)  # None: each optimizer's default (eps_or)
     # automagic
     lr_bump: float = 1e-6
     min_lr: float = 1e-7
@@ -314,6 +304,18 @@ class OptimizerParams(_Model):
     low_noise_lr_bump: float | None = None
     low_noise_min_lr: float | None = None
     low_noise_max_lr: float | None = None
+    # prodigy (prodigyopt.Prodigy's own defaults)
+    beta3: float | None = None
+    d0: float = Field(default=1e-6, gt=0)
+    d_coef: float = Field(default=1.0, gt=0)
+    growth_rate: float = Field(default=float("inf"), gt=0)
+    use_bias_correction: bool = False
+    safeguard_warmup: bool = False
+    decouple: bool = True
+    slice_p: int = Field(default=1, ge=1)
+
+    def eps_or(self, default: float) -> float:
+        return default if self.eps is None else self.eps
 
     def for_expert(self, expert: str, name: str, default: float) -> float:
         """`high_noise_<name>` / `low_noise_<name>` when set, else the shared value."""
@@ -321,30 +323,53 @@ class OptimizerParams(_Model):
         return default if value is None else value
 
 
+LRScheduler = Literal["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "step"]
+
+
+class LRSchedulerParams(_Model):
+    """torch's scheduler arguments as ai-toolkit passes them (toolkit/scheduler.py); each schedule
+    reads its own. `total_iters` / `T_max` / `T_0` default to `train.steps`, as there."""
+
+    total_iters: int | None = Field(default=None, gt=0)
+    # ai-toolkit overwrites these two with total_iters; accepted only to say so (TrainConfig).
+    T_max: int | None = Field(default=None, gt=0)
+    T_0: int | None = Field(default=None, gt=0)
+    T_mult: int = Field(default=1, ge=1)
+    eta_min: float = Field(default=0.0, ge=0)
+    factor: float = Field(default=1.0, gt=0)
+    start_factor: float = Field(default=1.0 / 3, gt=0)
+    end_factor: float = Field(default=1.0, ge=0)
+    num_warmup_steps: int = Field(default=1000, ge=0)
+    step_size: int | None = Field(default=None, gt=0)
+    gamma: float = Field(default=0.1, gt=0)
+    last_epoch: Literal[-1] = -1
+
+    def changed(self) -> set[str]:
+        """Parameters set away from their defaults (a dumped config.yaml lists every one)."""
+        fields = type(self).model_fields
+        return {k for k in self.model_fields_set if getattr(self, k) != fields[k].default} - {"last_epoch"}
+
+
+# The lr_scheduler_params each schedule reads (ai-toolkit hands them to torch, which refuses others).
+SCHEDULE_READS: dict[str, frozenset[str]] = {
+    "constant": frozenset({"factor", "total_iters"}),
+    "constant_with_warmup": frozenset({"num_warmup_steps"}),
+    "linear": frozenset({"start_factor", "end_factor", "total_iters"}),
+    "cosine": frozenset({"total_iters", "eta_min"}),
+    "cosine_with_restarts": frozenset({"total_iters", "T_mult", "eta_min"}),
+    "step": frozenset({"step_size", "gamma"}),
+}
+
+
+class EMAConfig(_Model):
+    """An exponential moving average of the LoRA weights (ai-toolkit's ema_config), updated after
+    every optimizer step; the averaged weights are exported and evaluated beside the raw ones."""
+
+    use_ema: bool = False
+    ema_decay: float = Field(default=0.999, ge=0, le=1)
+
+
 class TrainConfig(_Model):
-    INERT = frozenset(
-        {
-            "train_unet",
-            "cache_text_embeddings",
-            "unload_text_encoder",
-            "skip_first_sample",
-            "disable_sampling",
-            "xformers",
-            "linear_timesteps",
-            "content_or_style",
-            "noise_offset",
-            "loss_type",
-            "ema_config",
-            "lr_scheduler",
-            "lr_scheduler_params",
-            "bypass_guidance_embedding",
-            "timestep_bias",
-            "do_cfg",
-            "force_first_sample",
-            "standardize_images",
-            "standardize_latents",
-        }
-    )
     batch_size: int = Field(default=1, ge=1)
     steps: int = Field(default=2000, ge=1)
     gradient_accumulation: int = Field(default=1, ge=1, alias="gradient_accumulation_steps")
@@ -355,9 +380,17 @@ class TrainConfig(_Model):
     noise_scheduler: Literal["flowmatch"] = "flowmatch"
     timestep_type: Literal["uniform", "linear", "sigmoid", "shift"] = "sigmoid"
     timestep_shift: float = Field(default=3.0, gt=0)
-    optimizer: Literal["adamw", "adamw8bit", "automagic"] = "adamw8bit"
+    optimizer: Literal["adamw", "adamw8bit", "automagic", "prodigy"] = "adamw8bit"
     lr: float = Field(default=1e-4, gt=0)
     optimizer_params: OptimizerParams = OptimizerParams()
+    lr_scheduler: LRScheduler = "constant"
+    lr_scheduler_params: LRSchedulerParams = LRSchedulerParams()
+    ema_config: EMAConfig = EMAConfig()
+    # Samples before the first step (ai-toolkit samples the base model unless skip_first_sample),
+    # on a resumed run too with force_first_sample; disable_sampling turns every sample off.
+    skip_first_sample: bool = False
+    force_first_sample: bool = False
+    disable_sampling: bool = False
     max_grad_norm: float = Field(default=1.0, ge=0)
     dtype: DType = "bf16"
     switch_boundary_every: int = Field(default=1, ge=1)
@@ -379,6 +412,43 @@ class TrainConfig(_Model):
             raise ValueError("train_text_encoder: true is not supported; text embeddings are cached")
         return value
 
+    @model_validator(mode="after")
+    def _schedule_acts(self) -> TrainConfig:
+        if self.optimizer == "automagic" and self.lr_scheduler != "constant":
+            raise ValueError(
+                f"lr_scheduler {self.lr_scheduler!r} would not act on automagic, which moves its own "
+                "per-element learning rates by lr_bump; use lr_scheduler: constant (or another optimizer)"
+            )
+        if self.lr_scheduler == "step" and self.lr_scheduler_params.step_size is None:
+            raise ValueError("lr_scheduler step needs lr_scheduler_params.step_size (steps per decay)")
+        changed = self.lr_scheduler_params.changed()
+        overwritten = sorted(changed & {"T_max", "T_0"})
+        if overwritten:
+            raise ValueError(
+                f"lr_scheduler_params {', '.join(overwritten)}: ai-toolkit replaces it with total_iters "
+                "(train.steps unless set), so the schedule would not be what it says; set total_iters instead"
+            )
+        unread = sorted(changed - SCHEDULE_READS[self.lr_scheduler])
+        if unread:
+            raise ValueError(
+                f"lr_scheduler_params {', '.join(unread)} not read by lr_scheduler {self.lr_scheduler!r} "
+                f"(it reads {', '.join(sorted(SCHEDULE_READS[self.lr_scheduler]))}); remove them or pick "
+                "the schedule they belong to (num_warmup_steps / lr_warmup_steps: constant_with_warmup)"
+            )
+        return self
+
+    @property
+    def start_lr(self) -> float:
+        """The learning rate the optimizer starts from: prodigy takes an lr below 0.1 as 1.0, as
+        ai-toolkit does (its lr multiplies prodigy's own step-size estimate)."""
+        return 1.0 if self.optimizer == "prodigy" and self.lr < 0.1 else self.lr
+
+    def samples_first(self, *, resumed: bool) -> bool:
+        """Whether to sample before the first step of this call (ai-toolkit's baseline samples)."""
+        if self.disable_sampling or self.skip_first_sample:
+            return False
+        return self.force_first_sample or not resumed
+
 
 class ModelKwargs(_Model):
     train_high_noise: bool = True
@@ -386,16 +456,6 @@ class ModelKwargs(_Model):
 
 
 class ModelConfig(_Model):
-    INERT = frozenset(
-        {
-            "quantize_te",
-            "qtype_te",
-            "assistant_lora_path",
-            "inference_lora_path",
-            "is_flux",
-            "is_v3",
-        }
-    )
     name_or_path: str
     arch: Literal["wan22_14b_i2v"] = "wan22_14b_i2v"
     # Where the parts come from (model/sources.py, docs/architecture.md §3.1). ai-toolkit's keys:
@@ -408,12 +468,47 @@ class ModelConfig(_Model):
     vae_path: str | None = None
     te_name_or_path: str | None = Field(default=None, alias="text_encoder_path")
     # Weight-only quantization of the frozen experts (memory mode): qfloat8/float8 -> torchao fp8
-    # weight-only, qint8/int8 -> int8 weight-only, uint4/int4 -> int4 weight-only (CUDA only). The
-    # seed's "uint4|<accuracy recovery adapter>" form is accepted; the adapter part is not applied.
+    # weight-only, qint8/int8 -> int8 weight-only, uint4/int4 -> uint4 with a scale per 64 weights.
+    # ai-toolkit's "uint4|<accuracy recovery adapter>" is split into both keys; the adapter is not
+    # applied (load_config warns).
     quantize: bool = False
     qtype: str = "qfloat8"
+    accuracy_recovery_adapter: str | None = None
     low_vram: bool = False
     model_kwargs: ModelKwargs = ModelKwargs()
+
+    @field_validator("arch", mode="before")
+    @classmethod
+    def _wan22_i2v(cls, arch: Any) -> Any:
+        if arch is None or arch == "wan22_14b_i2v":
+            return "wan22_14b_i2v"
+        what = _OTHER_ARCHS.get(arch, "not Wan 2.2 image-to-video")
+        raise ValueError(
+            f"{arch!r} is {what}. This project trains Wan 2.2 I2V-A14B LoRAs only: two experts split at "
+            "timestep 900, each taking 36 input channels (the noisy latent, a mask and the first "
+            "frame's latent), so a LoRA of another Wan model would not load into it. Set arch: "
+            "wan22_14b_i2v and name_or_path to an I2V-A14B model (ai-toolkit/Wan2.2-I2V-A14B-Diffusers-bf16)"
+        )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _split_adapter(cls, raw: Any) -> Any:
+        """`qtype: "uint4|repo/adapter.safetensors"` -> qtype uint4 + accuracy_recovery_adapter."""
+        qtype = raw.get("qtype") if isinstance(raw, dict) else None
+        if isinstance(qtype, str) and "|" in qtype:
+            kind, _, adapter = qtype.partition("|")
+            raw = {**raw, "qtype": kind.strip(), "accuracy_recovery_adapter": adapter.strip() or None}
+        return raw
+
+    @model_validator(mode="after")
+    def _adapter_is_int4s(self) -> ModelConfig:
+        int4 = self.qtype.strip().lower() in ("uint4", "int4", "qint4")
+        if self.quantize and self.accuracy_recovery_adapter and not int4:
+            raise ValueError(
+                f"model.accuracy_recovery_adapter {self.accuracy_recovery_adapter!r} corrects ai-toolkit's "
+                f"uint4 weights; with qtype {self.qtype!r} it would not be applied here; remove it"
+            )
+        return self
 
     @model_validator(mode="after")
     def _one_expert(self) -> ModelConfig:
@@ -464,6 +559,14 @@ class CaptionerConfig(_Model):
     batch_size: int = Field(default=4, ge=1)
 
 
+_OTHER_ARCHS = {
+    "wan21": "Wan 2.1 text-to-video (one transformer, 16 input channels)",
+    "wan21_i2v": "Wan 2.1 image-to-video (one transformer with a CLIP image encoder)",
+    "wan22_14b": "Wan 2.2 text-to-video A14B (two experts split at timestep 875, 16 input channels)",
+    "wan22_5b": "Wan 2.2 TI2V-5B (one transformer, a 48-channel VAE)",
+}
+
+
 def offloads_inactive_expert(train: TrainConfig, model: ModelConfig) -> bool:
     """Whether the expert not training waits in CPU memory (`train.offload_inactive_expert` or the
     seed's `model.low_vram`)."""
@@ -471,7 +574,6 @@ def offloads_inactive_expert(train: TrainConfig, model: ModelConfig) -> bool:
 
 
 class ProcessConfig(_Model):
-    INERT = frozenset({"device", "performance_log_every", "print_every", "low_vram"})
     type: Literal["diffusion_trainer", "sd_trainer", "ui_trainer"] = "diffusion_trainer"
     training_folder: Path = Path("output")
     trigger_word: str | None = None
@@ -569,22 +671,50 @@ def parse_config(raw: Any, *, source: Path | None = None, workdir: str | Path | 
     templates: dict[str, str] = {}
     process_raw = _substitute(process_raw, name, problems, templates=templates)
     meta = _substitute(meta, name, problems, "meta", templates=templates)
+    base = Path(workdir) if workdir is not None else default_workdir()
     inert: list[str] = []
-    process_raw = _strip_inert(process_raw, ProcessConfig, "", inert)
+    if isinstance(process_raw, dict):
+        process_raw = aitk_keys.apply_aliases(process_raw, problems)
+    process_raw = _sort_keys(process_raw, ProcessConfig, "", "", inert, problems)
     try:
         process = ProcessConfig.model_validate(process_raw)
     except ValidationError as exc:
-        raise ConfigError([*problems, *_describe(exc, ProcessConfig)], source=source) from None
+        folders = _raw_folder_problems(process_raw, base)
+        raise ConfigError([*problems, *_describe(exc, ProcessConfig), *folders], source=source) from None
     job = JobConfig(name=name, process=process, meta=meta, source=source)
     job._templates.update(templates)
-    base = Path(workdir) if workdir is not None else default_workdir()
     job = _resolve_paths(job, base, problems)
     if problems:
         raise ConfigError(problems, source=source)
     warnings = []
     if inert:
         warnings.append("keys known from ai-toolkit that have no effect here: " + ", ".join(inert))
-    return LoadedConfig(job=job, warnings=tuple(warnings))
+    return LoadedConfig(job=job, warnings=(*warnings, *_value_warnings(job.process)))
+
+
+def _value_warnings(process: ProcessConfig) -> list[str]:
+    """Values that train, but not as their words alone say (each says what happens instead)."""
+    train, warnings = process.train, []
+    model = process.model
+    adapter = model.accuracy_recovery_adapter
+    if adapter and not model.quantize:
+        warnings.append(
+            f"model.accuracy_recovery_adapter {adapter!r} is not applied: model.quantize is false, so the "
+            "experts train on their full-precision weights (as in ai-toolkit)"
+        )
+    elif adapter:
+        # ai-toolkit downloads the adapter and adds it to the uint4 base; that part is not built.
+        warnings.append(
+            f"model.qtype {model.qtype!r}: the accuracy recovery adapter {adapter!r} is not applied here, so "
+            "the experts train on plain uint4 weights, with more quantization error than ai-toolkit's "
+            "uint4 + adapter; qtype qint8 or qfloat8 keeps more precision for twice the memory"
+        )
+    if train.start_lr != train.lr:
+        warnings.append(
+            f"train.lr {train.lr} with optimizer prodigy trains at lr 1.0, as ai-toolkit does: prodigy's "
+            "lr multiplies its own step-size estimate (set lr >= 0.1 to choose it)"
+        )
+    return warnings
 
 
 def _unwrap_job(raw: Any, problems: list[str]) -> tuple[dict, str, dict] | None:
@@ -642,23 +772,37 @@ def _substitute(
     return value
 
 
-def _strip_inert(raw: Any, model: type[BaseModel], prefix: str, found: list[str]) -> Any:
-    """Remove keys that ai-toolkit knows but that do nothing here, recording their paths."""
+def _sort_keys(
+    raw: Any, model: type[BaseModel], where: str, section: str, inert: list[str], problems: list[str]
+) -> Any:
+    """Take out the keys of `aitk_keys.KEYS`: their paths go to `inert` when the value asks for
+    nothing, their refusals to `problems` otherwise. Fields, and typos (validation names those),
+    stay. `where` is the path as the user reads it (`datasets[1].`), `section` the table's
+    (`datasets[]`)."""
     if not isinstance(raw, dict):
         return raw
-    inert_keys: frozenset[str] = getattr(model, "INERT", frozenset())
     fields = model.model_fields
     out = {}
     for key, value in raw.items():
-        if key in inert_keys and key not in fields:
-            found.append(prefix + key)
-            continue
         field = fields.get(key) or _by_alias(fields, key)
+        if field is None:
+            row = aitk_keys.lookup(section, str(key))
+            if row is not None:
+                if row.inert(value):
+                    inert.append(f"{where}{key}")
+                else:
+                    problems.append(row.refusal(f"{where}{key}", value))
+                continue
         sub = _submodel(field.annotation) if field is not None else None
-        if sub is not None and isinstance(value, list):
-            value = [_strip_inert(v, sub, f"{prefix}{key}[{i}].", found) for i, v in enumerate(value)]
-        elif sub is not None:
-            value = _strip_inert(value, sub, f"{prefix}{key}.", found)
+        inner = f"{section}.{key}" if section else str(key)
+        container = _container(field.annotation) if field is not None else None
+        if sub is not None and container is not None and container[0] == "list" and isinstance(value, list):
+            value = [
+                _sort_keys(v, sub, f"{where}{key}[{i}].", f"{inner}[]", inert, problems)
+                for i, v in enumerate(value)
+            ]
+        elif sub is not None and container is None:
+            value = _sort_keys(value, sub, f"{where}{key}.", inner, inert, problems)
         out[key] = value
     return out
 
@@ -702,7 +846,9 @@ def _describe_one(err: Mapping[str, Any], root: type[BaseModel]) -> tuple[str, s
         if key in fields:  # given under its name and its ai-toolkit alias
             return path, f"given twice, also as {fields[key].alias}; keep one"
         choices = [*fields, *(f.alias for f in fields.values() if f.alias)]
-        return path, f"unknown key{_suggest(key, choices)}"
+        section = ".".join("[]" if isinstance(k, int) else str(k) for k in keys).replace(".[]", "[]")
+        known = aitk_keys.keys_in(section)  # a typo of an ai-toolkit key names that key
+        return path, f"unknown key{_suggest(key, choices, known)}"
     path = _format_loc(_walk(root, loc)[0])
     if err["type"] == "missing":
         return path, "required key is missing"
@@ -755,8 +901,9 @@ def _format_loc(loc: list) -> str:
     return out
 
 
-def _suggest(key: str, choices: list[str]) -> str:
-    close = difflib.get_close_matches(key, choices, n=1, cutoff=0.6)
+def _suggest(key: str, choices: list[str], known: Sequence[str] = ()) -> str:
+    """The closest of the fields and the table's ai-toolkit keys, else the list of fields."""
+    close = difflib.get_close_matches(key, [*choices, *known], n=1, cutoff=0.6)
     return f"; did you mean {close[0]}?" if close else f"; valid keys: {', '.join(sorted(choices))}"
 
 
@@ -765,11 +912,7 @@ def _resolve_paths(job: JobConfig, base: Path, problems: list[str]) -> JobConfig
     datasets = []
     for i, ds in enumerate(job.process.datasets):
         folder = _under(base, ds.folder_path)
-        if not folder.is_dir():
-            problems.append(
-                f"datasets[{i}].folder_path: folder {folder} does not exist; "
-                "point it at a folder of video clips with caption files"
-            )
+        problems += _missing_dataset_folder(i, folder)
         datasets.append(ds.model_copy(update={"folder_path": folder}))
     validation = job.process.validation
     if validation.folder_path is not None:
@@ -794,6 +937,26 @@ def _resolve_paths(job: JobConfig, base: Path, problems: list[str]) -> JobConfig
         }
     )
     return job.model_copy(update={"process": process})
+
+
+def _missing_dataset_folder(i: int, folder: Path) -> list[str]:
+    if folder.is_dir():
+        return []
+    return [
+        f"datasets[{i}].folder_path: folder {folder} does not exist; "
+        "point it at a folder of video clips with caption files"
+    ]
+
+
+def _raw_folder_problems(process_raw: Any, base: Path) -> list[str]:
+    """The dataset folders of a file that did not validate, so their problems come in the same report."""
+    datasets = process_raw.get("datasets") if isinstance(process_raw, dict) else None
+    problems = []
+    for i, ds in enumerate(datasets if isinstance(datasets, list) else []):
+        folder = ds.get("folder_path") if isinstance(ds, dict) else None
+        if isinstance(folder, str) and folder:
+            problems += _missing_dataset_folder(i, _under(base, Path(folder)))
+    return problems
 
 
 MODEL_FILE_KEYS = ("high_noise_path", "low_noise_path", "vae_path", "te_name_or_path")
@@ -847,6 +1010,25 @@ def with_experts(job: JobConfig, experts: tuple[str, ...]) -> JobConfig:
 def default_workdir() -> Path:
     """`$WAN_ASSETS_HOME`, else `./.wan_assets` (docs/architecture.md §8)."""
     return Path(os.environ.get("WAN_ASSETS_HOME") or ".wan_assets").resolve()
+
+
+def field_sections(model: type[BaseModel] = ProcessConfig, section: str = "") -> dict[str, list[str]]:
+    """The implemented keys by section (`datasets[]` for the list of datasets), for the README."""
+    out: dict[str, list[str]] = {section: []}
+    for name, field in model.model_fields.items():
+        out[section] += [name] if not field.alias or field.alias == name else [name, field.alias]
+        sub, container = _submodel(field.annotation), _container(field.annotation)
+        if sub is not None and (container is None or container[0] == "list"):
+            inner = f"{section}.{name}" if section else name
+            out |= field_sections(sub, inner + ("[]" if container else ""))
+    return out
+
+
+def key_reference() -> str:
+    """README.md's table of which ai-toolkit keys do what here (aitk_keys.reference_markdown)."""
+    fields = field_sections()
+    fields.pop("source", None)
+    return aitk_keys.reference_markdown(fields)
 
 
 def dump_config(job: JobConfig) -> str:

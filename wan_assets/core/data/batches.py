@@ -2,12 +2,15 @@
 
 Every random choice here (clip order, cache variant per epoch, caption dropout) is a pure function
 of (seed, epoch, position), so a resumed run replays exactly the batches an uninterrupted run
-would see, with no RNG state to save.
+would see, with no RNG state to save. A clip of a dataset with `num_repeats: N` appears N times per
+epoch (as ai-toolkit repeats a dataset's file list), each time with its own variant and dropout draw;
+each clip drops its caption at its own dataset's `caption_dropout_rate`.
 """
 
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -38,12 +41,20 @@ class BatchStream:
     """Batch n of the run, for any n: epochs of shuffled same-bucket batches, back to back."""
 
     def __init__(
-        self, index: LatentIndex, *, batch_size: int, seed: int, caption_dropout: float, split: str = "train"
+        self,
+        index: LatentIndex,
+        *,
+        batch_size: int,
+        seed: int,
+        caption_dropout: Sequence[float],
+        num_repeats: Sequence[int] | None = None,
+        split: str = "train",
     ) -> None:
         self.index = index
         self.batch_size = batch_size
         self.seed = seed
-        self.caption_dropout = caption_dropout
+        self.caption_dropout = list(caption_dropout)  # per dataset index
+        self.num_repeats = list(num_repeats or [1] * len(self.caption_dropout))
         self.buckets = index.buckets(split)
         if not self.buckets:
             raise ValueError(
@@ -57,8 +68,8 @@ class BatchStream:
             return self._epoch_cache[1]
         rng = random.Random(derive_seed(self.seed, "epoch", epoch))
         batches = []
-        for bucket, keys in sorted(self.buckets.items()):
-            keys = list(keys)
+        for bucket, clip_keys in sorted(self.buckets.items()):
+            keys = [k for k in clip_keys for _ in range(self._repeats(k))]
             rng.shuffle(keys)
             # A short tail batch is kept: with few clips per bucket it is most of the data.
             batches += [
@@ -68,6 +79,12 @@ class BatchStream:
         self._epoch_cache = (epoch, batches)
         return batches
 
+    def _repeats(self, key: str) -> int:
+        return self.num_repeats[self.index.clips[key].dataset_index]
+
+    def _dropout(self, key: str) -> float:
+        return self.caption_dropout[self.index.clips[key].dataset_index]
+
     @property
     def batches_per_epoch(self) -> int:
         return len(self.epoch_plan(0))
@@ -76,10 +93,12 @@ class BatchStream:
         epoch, position = divmod(n, self.batches_per_epoch)
         bucket, keys = self.epoch_plan(epoch)[position]
         latents, conditions, texts, dropped = [], [], [], []
-        for key in keys:
-            variant = derive_seed(self.seed, "variant", epoch, key) % len(self.index.clips[key].variants)
+        for slot, key in enumerate(keys):
+            # A clip repeated into the same batch draws per slot (slot 0 keeps the draws of old runs).
+            tag = (key,) if slot == 0 or key not in keys[:slot] else (key, slot)
+            variant = derive_seed(self.seed, "variant", epoch, *tag) % len(self.index.clips[key].variants)
             tensors = self.index.load_variant(key, variant)
-            drop = random.Random(derive_seed(self.seed, "dropout", n, key)).random() < self.caption_dropout
+            drop = random.Random(derive_seed(self.seed, "dropout", n, *tag)).random() < self._dropout(key)
             latents.append(tensors["latents"])
             conditions.append(tensors["condition"])
             texts.append(pad_text(self.index.load_text(key, empty=drop), MAX_SEQUENCE_LENGTH))

@@ -90,6 +90,7 @@ class ClipRecord:
     empty_text_file: str
     speedup: float
     warning: str | None = None
+    dataset_index: int = 0  # which of the job's datasets the clip is from (its dropout, repeats, split)
 
     @property
     def data_version(self) -> str:
@@ -399,6 +400,7 @@ def finish_clip(prepared: PreparedClip, encoder: EncoderHandle, cache_dir: Path)
         empty_text_file=empty_rel,
         speedup=round(prepared.speedup, 3),
         warning=prepared.warning,
+        dataset_index=source.dataset_index,
     )
 
 
@@ -501,8 +503,11 @@ def assign_splits(keys: Iterable[str], validation_split: float) -> dict[str, str
 
 def build_index(job: JobConfig, records: Iterable[ClipRecord], cache_dir: Path) -> LatentIndex:
     by_key = {r.key: r for r in records}
-    split = max(d.validation_split for d in job.process.datasets)
-    index = LatentIndex(job.name, cache_dir, by_key, assign_splits(by_key, split))
+    splits: dict[str, str] = {}
+    for i, dataset in enumerate(job.process.datasets):  # each dataset holds out its own share
+        keys = [k for k, r in by_key.items() if r.dataset_index == i]
+        splits |= assign_splits(keys, dataset.validation_split)
+    index = LatentIndex(job.name, cache_dir, by_key, splits)
     write_json(index_path(cache_dir, job), index.to_json())
     return index
 

@@ -3,6 +3,8 @@ held-out validation loss per expert, with sample videos and a contact sheet.
 
 Scores use fixed timestep quantiles and noise seeds (`wan_assets.core.eval.validation`), so numbers are
 comparable across checkpoints and runs; the best checkpoint is the lowest mean over experts.
+A run with EMA (`train.ema_config`) has averaged LoRAs beside the raw ones: they are scored too
+(`ema: true` scores), reported beside the raw ones; the best step is chosen among the raw ones.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ class CheckpointScore:
     expert: str
     quantile: float
     val_loss: float
+    ema: bool = False  # the checkpoint's EMA weights (`_ema` files), not its raw ones
 
 
 @dataclass
@@ -47,22 +50,28 @@ class EvaluationReport:
     samples: dict[int, list[Path]] = field(default_factory=dict)  # step -> mp4 files
     contact_sheet: Path | None = None
 
-    def mean_by_step(self) -> dict[int, float]:
-        """Mean validation loss over experts and quantiles, per checkpoint step (0 = base)."""
+    def mean_by_step(self, *, ema: bool = False) -> dict[int, float]:
+        """Mean validation loss over experts and quantiles, per checkpoint step (0 = base); with
+        `ema`, of the checkpoints' EMA weights (the base has none)."""
         out: dict[int, list[float]] = {}
         for s in self.scores:
-            out.setdefault(s.step, []).append(s.val_loss)
+            if s.ema == ema:
+                out.setdefault(s.step, []).append(s.val_loss)
         return {step: sum(v) / len(v) for step, v in sorted(out.items())}
 
     def table(self) -> list[dict]:
         rows: dict[int, dict] = {}
         for s in self.scores:
             row = rows.setdefault(s.step, {"step": s.step})
-            key = f"{s.expert}_val_loss"
+            key = f"{s.expert}_{'ema_' if s.ema else ''}val_loss"
             row[key] = row.get(key, 0.0) + s.val_loss / self._num_quantiles
         for step, mean in self.mean_by_step().items():
             rows[step]["mean_val_loss"] = mean
-        return [rows[k] for k in sorted(rows)]
+        for step, mean in self.mean_by_step(ema=True).items():
+            rows[step]["mean_ema_val_loss"] = mean
+        # Same columns in every row (the UI table's schema): the base has no EMA weights.
+        columns = dict.fromkeys(key for row in rows.values() for key in row)
+        return [{c: rows[k].get(c, float("nan")) for c in columns} for k in sorted(rows)]
 
     @property
     def _num_quantiles(self) -> int:
@@ -91,23 +100,10 @@ def evaluate_run(job: JobConfig, cache_dir: Path, *, device: torch.device | None
     steps = [0, *files.complete_steps(job.experts)]
     report = EvaluationReport(files.root, [])
     for step in steps:
+        for ema in (False, True) if files.ema and step > 0 else (False,):
+            _apply_checkpoint(model, job, files, step, ema=ema)
+            report.scores += _score(model, job, index, files, step, ema, device)
         _apply_checkpoint(model, job, files, step)
-        for expert in job.experts:
-            label = BASE if step == 0 else str(files.lora(expert, step))
-            window = timestep_window(expert, model.boundary_timestep)
-            result = validation_loss(
-                model.expert(expert),
-                index,
-                expert,
-                window,
-                validation.timestep_quantiles,
-                seed=validation.seed,
-                device=device,
-                dtype=dtype,
-            )
-            report.scores += [
-                CheckpointScore(label, step, expert, q, v) for q, v in result.by_quantile.items()
-            ]
         if validation.num_samples > 0:
             report.samples[step] = _samples(model, job, index, files, step, device)
     if report.samples:
@@ -118,18 +114,40 @@ def evaluate_run(job: JobConfig, cache_dir: Path, *, device: torch.device | None
     return report
 
 
+def _score(
+    model, job: JobConfig, index: LatentIndex, files: RunFiles, step: int, ema: bool, device: torch.device
+) -> list[CheckpointScore]:
+    validation, dtype = job.process.validation, DTYPES[job.process.train.dtype]
+    scores = []
+    for expert in job.experts:
+        label = BASE if step == 0 else str(files.lora(expert, step, ema=ema))
+        window = timestep_window(expert, model.boundary_timestep)
+        result = validation_loss(
+            model.expert(expert),
+            index,
+            expert,
+            window,
+            validation.timestep_quantiles,
+            seed=validation.seed,
+            device=device,
+            dtype=dtype,
+        )
+        scores += [CheckpointScore(label, step, expert, q, v, ema) for q, v in result.by_quantile.items()]
+    return scores
+
+
 def scores_path(files: RunFiles) -> Path:
     """Where the last evaluation's scores live (read by the metrics database loader)."""
     return files.root / "eval" / "scores.json"
 
 
-def _apply_checkpoint(model, job: JobConfig, files: RunFiles, step: int) -> None:
+def _apply_checkpoint(model, job: JobConfig, files: RunFiles, step: int, *, ema: bool = False) -> None:
     for expert in job.experts:
         transformer = model.expert(expert)
         if step == 0:
             transformer.disable_adapters()
         else:
-            load_lora_into(transformer, files.lora(expert, step), expert)
+            load_lora_into(transformer, files.lora(expert, step, ema=ema), expert)
             transformer.enable_adapters()
 
 

@@ -428,11 +428,17 @@ def _newest_scheduler_state(files: RunFiles) -> dict[str, Any]:
 
 
 def checkpoint_rows(files: RunFiles, run_id: str, *, num_steps: int) -> list[dict[str, Any]]:
-    """The LoRA files on disk (pruned ones are gone); a final LoRA counts as step `num_steps`."""
+    """The LoRA files on disk (pruned ones are gone); a final LoRA counts as step `num_steps`.
+    A run with EMA has its `_ema` files listed too (their path tells them apart)."""
     rows = []
     for expert in EXPERTS:
-        steps = files.steps_with(f"{expert}.safetensors")
-        candidates = [(None, files.lora(expert)), *((step, files.lora(expert, step)) for step in steps)]
+        candidates = []
+        for ema in (False, True):
+            steps = files.steps_with(f"{expert}{'_ema' if ema else ''}.safetensors")
+            candidates += [
+                (None, files.lora(expert, ema=ema)),
+                *((s, files.lora(expert, s, ema=ema)) for s in steps),
+            ]
         for step, path in candidates:
             if path.is_file():
                 final = step is None
@@ -484,6 +490,12 @@ def _write_evaluations(con: duckdb.DuckDBPyConnection, run_id: str, rows: list[d
         if checkpoint != BASE_CHECKPOINT:
             checkpoint = str(Path(checkpoint).resolve())  # the same spelling as `checkpoints.path`
         clean.append(
-            {**row, "run_id": run_id, "checkpoint": checkpoint, "val_loss": _finite(row["val_loss"])}
+            # An EMA score's checkpoint is its `_ema` LoRA file: the path tells the two apart.
+            {
+                **{k: row[k] for k in needed},
+                "run_id": run_id,
+                "checkpoint": checkpoint,
+                "val_loss": _finite(row["val_loss"]),
+            }
         )
     return _insert(con, "evaluations", clean, replace=True)

@@ -7,8 +7,11 @@ The base weights of a LoRA run never change, so they are quantized once, here, n
   trained weights: it re-quantizes the weight on every call and computes a weight gradient in
   backward even when the weight is frozen, a third GEMM that a LoRA run throws away.
 - weight-only int8 / fp8 through torchao `quantize_` (memory mode without fp8 compute): the weight
-  is dequantized for each matmul, which runs in the compute dtype. torchao's int4 (tinygemm) has no
-  backward pass, so it cannot train a LoRA (speed.options.check_options refuses it).
+  is dequantized for each matmul, which runs in the compute dtype.
+- weight-only uint4 (`UInt4FrozenLinear`, ai-toolkit's `qtype: uint4`): two 4-bit values per byte,
+  an fp scale and minimum per group of 64 input channels (torchao's UIntX weight-only layout),
+  dequantized for each matmul. torchao's own int4 (tinygemm) has no backward pass, so it cannot
+  train a LoRA; this one backpropagates to the input through the dequantized weight on any device.
 LoRA adapters (peft `lora_A` / `lora_B`) are never touched: they train in their own dtype.
 """
 
@@ -39,7 +42,7 @@ def parse_qtype(qtype: str) -> str:
     if key not in QTYPES:
         raise ValueError(
             f"model.qtype {qtype!r} is not supported; use one of {', '.join(sorted(QTYPES))} "
-            "(qfloat8 = fp8 weight-only, qint8 = int8, uint4 = int4 on CUDA)"
+            "(qfloat8 = fp8 weight-only, qint8 = int8, uint4 = 4-bit with a scale per 64 weights)"
         )
     return QTYPES[key]
 
@@ -190,18 +193,62 @@ def fp8_problem(device: torch.device) -> str | None:
 
 
 def weight_only(block: torch.nn.Module, kind: str) -> None:
-    """torchao weight-only quantization of the frozen linears of `block`, on its device."""
-    from torchao.quantization import (
-        Float8WeightOnlyConfig,
-        Int4WeightOnlyConfig,
-        Int8WeightOnlyConfig,
-        quantize_,
-    )
-
+    """Weight-only quantization of the frozen linears of `block`, on its device (torchao for fp8
+    and int8, UInt4FrozenLinear for int4)."""
     if kind == "int4":
-        # tinygemm's layout: its kernels ship with torch's CUDA build (no extra package).
-        config = Int4WeightOnlyConfig(group_size=128, int4_packing_format="tile_packed_to_4d")
-    else:
-        config = {"fp8": Float8WeightOnlyConfig, "int8": Int8WeightOnlyConfig}[kind]()
+        for parent, attr, linear in list(base_linears(block)):
+            setattr(parent, attr, UInt4FrozenLinear(linear))
+        return
+    from torchao.quantization import Float8WeightOnlyConfig, Int8WeightOnlyConfig, quantize_
+
+    config = {"fp8": Float8WeightOnlyConfig, "int8": Int8WeightOnlyConfig}[kind]()
     targets = {id(linear) for _, _, linear in base_linears(block)}
     quantize_(block, config, filter_fn=lambda module, _fqn: id(module) in targets)
+
+
+UINT4_GROUP = 64
+
+
+class UInt4FrozenLinear(torch.nn.Module):
+    """A frozen nn.Linear stored as asymmetric uint4: w ~= q * scale + minimum per group of
+    UINT4_GROUP input channels (one group per row when in_features is not a multiple of it).
+
+    Memory per weight: half a byte plus two compute-dtype numbers per group. The forward dequantizes
+    the weight (no grad) and runs the matmul in the input's dtype, so autograd gives the input (and
+    the LoRA beside it) its gradient and the weight none.
+    """
+
+    packed: torch.Tensor  # [N, K // 2] uint8, low nibble = even column
+    scale: torch.Tensor  # [N, K // group, 1]
+    minimum: torch.Tensor  # [N, K // group, 1]
+    bias: torch.Tensor | None
+
+    def __init__(self, linear: torch.nn.Linear) -> None:
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        weight = linear.weight.detach()
+        n, k = weight.shape
+        assert k % 2 == 0, "uint4 packs two input channels per byte"
+        self.group = UINT4_GROUP if k % UINT4_GROUP == 0 else k
+        groups = weight.float().reshape(n, k // self.group, self.group)
+        low, high = groups.amin(dim=-1, keepdim=True), groups.amax(dim=-1, keepdim=True)
+        scale = ((high - low) / 15).clamp(min=1e-12)
+        q = ((groups - low) / scale).round_().clamp_(0, 15).to(torch.uint8).reshape(n, k)
+        self.register_buffer("packed", q[:, 0::2] | (q[:, 1::2] << 4))
+        self.register_buffer("scale", scale.to(weight.dtype))
+        self.register_buffer("minimum", low.to(weight.dtype))
+        bias = linear.bias.detach() if linear.bias is not None else None
+        self.register_buffer("bias", bias)
+
+    def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
+        """The weight [N, K] in `dtype`."""
+        n, k = self.out_features, self.in_features
+        q = torch.stack((self.packed & 15, self.packed >> 4), dim=-1).reshape(n, k // self.group, self.group)
+        return (q.to(dtype) * self.scale.to(dtype) + self.minimum.to(dtype)).reshape(n, k)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = self.bias.to(x.dtype) if self.bias is not None else None
+        return torch.nn.functional.linear(x, self.dequantized(x.dtype), bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, group={self.group}"

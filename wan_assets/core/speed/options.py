@@ -6,8 +6,8 @@
   full-size copy per linear. It is switched off (bit-identical results under autocast). The
   adapter's up-projection adds into the base output inside one GEMM (lora.FusedLoraLinear).
 - frozen base linears: fp8 compute (`train.fp8_compute`, Float8FrozenLinear; it pays under compile,
-  where the quantization fuses) and/or weight-only storage (`model.quantize`: fp8 or int8; torchao's
-  int4 has no backward), quantized block by block on the device.
+  where the quantization fuses) and/or weight-only storage (`model.quantize`: fp8 or int8 through
+  torchao, uint4 through quantize.UInt4FrozenLinear), quantized block by block on the device.
 - activations, per transformer block (`train.gradient_checkpointing`): false keeps all; true
   recomputes the whole block in backward; "selective" keeps the self-attention output (the
   costliest op to recompute, one token x dim tensor) and, under compile on a GPU, also the matmul
@@ -143,16 +143,6 @@ def check_options(train: TrainConfig, model_cfg: ModelConfig, device: torch.devi
                 f"train.fp8_compute runs the base linears from fp8 weights; model.qtype {model_cfg.qtype!r} "
                 "stores them as " + kind + ". Use qtype qfloat8 with fp8_compute, or turn fp8_compute off"
             )
-    if kind == "int4":
-        # torchao's int4 kernels (tinygemm) are CUDA-only and have no backward pass, which the LoRA
-        # gradient needs (torchao 0.18 on torch 2.11: "derivative for aten::_weight_int4pack_mm is
-        # not implemented").
-        where = "needs a CUDA GPU" if device.type != "cuda" else "cannot train on"
-        raise ValueError(
-            f"model.qtype {model_cfg.qtype!r} (int4 weight-only) {where} (torchao's int4 kernels run on "
-            f"CUDA and have no backward pass for the LoRA gradients); this is {device.type}. "
-            "Use qtype qfloat8 (with train.fp8_compute on an fp8 GPU) or qint8"
-        )
     if train.activation_offload and train.gradient_checkpointing is not True:
         raise ValueError(
             "train.activation_offload keeps each block half's input in CPU memory and recomputes the whole "

@@ -39,7 +39,9 @@ from wan_assets.core.seeds import derive_seed
 from wan_assets.core.speed.options import apply_training_options
 from wan_assets.core.train.alpha_schedule import AlphaScheduler, Transition
 from wan_assets.core.train.distributed import Dist
+from wan_assets.core.train.ema import LoraEMA
 from wan_assets.core.train.flow import noisy_input, per_sample_loss, sample_timesteps
+from wan_assets.core.train.lr_schedule import set_lr
 from wan_assets.core.train.metrics_log import MetricsLog, truncate
 from wan_assets.core.train.optim import (
     GradientStability,
@@ -71,6 +73,7 @@ class TrainParts:
     index_hash: str  # LatentIndex.identity() of the data trained on: a checkpoint resumes only on it
     dist: Dist = field(default_factory=Dist)
     sampler: TrainingSampler | None = None  # rank 0 only, when the job has `sample:`
+    ema: LoraEMA | None = None  # `train.ema_config.use_ema`
 
     @property
     def experts(self) -> tuple[str, ...]:
@@ -91,6 +94,7 @@ class TrainOptions:
     resume: bool = False  # continue the run in the folder (or start afresh when it has no checkpoint)
     restart_on_new_data: bool = False  # on resume, a checkpoint of other data moves aside, not fails
     stop_after: int | None = None  # end after this many steps (tests); None trains to `train.steps`
+    samples: bool = True  # False: no sample videos this call (tests of files that sample at 1024px)
 
 
 @dataclass(frozen=True)
@@ -163,18 +167,21 @@ def build_parts(
     scheduler = AlphaScheduler(job.process.network, job.experts)
     apply_alpha(model, scheduler, job.experts)
     index = load_index(index_file)
+    datasets = job.process.datasets
     stream = BatchStream(
         index,
         batch_size=train.batch_size * dist.world_size,  # batch_size is per process, as in ai-toolkit
         seed=train.seed,
-        caption_dropout=max(d.caption_dropout_rate for d in job.process.datasets),
+        caption_dropout=[d.caption_dropout_rate for d in datasets],  # each dataset its own rate
+        num_repeats=[d.num_repeats for d in datasets],
     )
+    optimizer = build_optimizer(train, params)
     return TrainParts(
         job=job,
         files=RunFiles.of(job),
         model=model,
         params=params,
-        optimizer=build_optimizer(train, params),
+        optimizer=optimizer,
         scheduler=scheduler,
         stability=GradientStability(),
         stream=stream,
@@ -183,11 +190,12 @@ def build_parts(
         index_hash=index.identity(),
         dist=dist,
         sampler=_sampler(job, index, device, compute_dtype) if dist.is_main else None,
+        ema=LoraEMA(params, train.ema_config.ema_decay) if train.ema_config.use_ema else None,
     )
 
 
 def _sampler(job: JobConfig, index, device: torch.device, dtype: torch.dtype) -> TrainingSampler | None:
-    if job.process.sample is None:
+    if job.process.sample is None or job.process.train.disable_sampling:
         return None
     return TrainingSampler(
         job, index, RunFiles.of(job).samples, device, dtype, take_turns=_offload(job) and device.type != "cpu"
@@ -290,8 +298,11 @@ def train_step(parts: TrainParts, state: TrainState, step: int) -> StepResult:
     dist.sum_grads(parts.params[expert])
     grad_norm = clip_grad_norm(parts.params[expert], train.max_grad_norm)
     stability = parts.stability.measure(expert, parts.params[expert])
-    # 4. The optimizer step.
+    # 4. The optimizer step at this step's scheduled rate, then the weights' moving average.
+    set_lr(parts.optimizer, train, step)
     parts.optimizer.step()
+    if parts.ema is not None:
+        parts.ema.update()
     mean_loss = loss_sum / train.gradient_accumulation
     # 5. The alpha schedule: this expert's statistics, and its new alpha when its phase changes.
     transition = parts.scheduler.record(step, expert, mean_loss, stability)
@@ -396,6 +407,8 @@ def save_checkpoint(parts: TrainParts, state: TrainState) -> list[Path]:
         "gradient_stability": parts.stability.state_dict(),
         "lora": {e: [p.detach().clone() for p in parts.params[e]] for e in parts.experts},
     }
+    if parts.ema is not None:
+        state_dict["ema"] = parts.ema.state_dict()
     written.append(save_state(files.state(step), state_dict))  # last: marks the checkpoint complete
     files.prune(parts.experts, parts.job.process.save.max_step_saves_to_keep)
     return written
@@ -455,6 +468,8 @@ def resume(
             for p, value in zip(parts.params[expert], saved["lora"][expert], strict=True):
                 p.copy_(value)
     load_optimizer_state(parts.optimizer, saved["optimizer"], parts.device)
+    if parts.ema is not None:
+        parts.ema.load_state_dict(saved["ema"])
     parts.stability.load_state_dict(saved["gradient_stability"])
     parts.scheduler.load_state_dict(checkpoint.scheduler)
     apply_alpha(parts.model, parts.scheduler, parts.experts)
@@ -469,6 +484,11 @@ def _resume_problem(parts: TrainParts, saved: dict, path: Path) -> str | None:
         return (
             f"checkpoint {path} trained {', '.join(saved['experts'])}, this config trains "
             f"{', '.join(parts.experts)}; resume with the run's own config.yaml or change config.name"
+        )
+    if (parts.ema is not None) != ("ema" in saved):
+        return (
+            f"checkpoint {path} was trained {'without' if parts.ema is not None else 'with'} "
+            "train.ema_config.use_ema; resume with the run's own config.yaml or change config.name"
         )
     if saved.get("index_hash") not in (parts.index_hash, _legacy_index_hash(parts)):
         return (
@@ -489,20 +509,28 @@ def save_final(parts: TrainParts) -> dict[str, Path]:
 
 
 def _save_loras(parts: TrainParts, step: int | None) -> dict[str, Path]:
-    """Each trained expert's LoRA at `step` (None: the final `<name>_<expert>.safetensors`)."""
-    dtype = DTYPES[parts.job.process.save.dtype]
-    metadata_step = parts.job.process.train.steps if step is None else step
-    return {
-        expert: save_lora(
-            parts.files.lora(expert, step),
-            parts.model.expert(expert),
-            expert,
-            parts.scheduler.alpha(expert),
-            dtype=dtype,
-            metadata=_lora_metadata(parts, expert, metadata_step),
-        )
-        for expert in parts.experts
-    }
+    """Each trained expert's LoRA at `step` (None: the final `<name>_<expert>.safetensors`), and
+    with EMA on, its averaged weights beside it (`<expert>_ema` keys of the result)."""
+    saved = {expert: _save_lora(parts, expert, step, ema=False) for expert in parts.experts}
+    if parts.ema is not None:
+        for expert in parts.experts:
+            with parts.ema.applied(expert):
+                saved[f"{expert}_ema"] = _save_lora(parts, expert, step, ema=True)
+    return saved
+
+
+def _save_lora(parts: TrainParts, expert: str, step: int | None, *, ema: bool) -> Path:
+    metadata = _lora_metadata(parts, expert, parts.job.process.train.steps if step is None else step)
+    if ema:
+        metadata["ema_decay"] = str(parts.job.process.train.ema_config.ema_decay)
+    return save_lora(
+        parts.files.lora(expert, step, ema=ema),
+        parts.model.expert(expert),
+        expert,
+        parts.scheduler.alpha(expert),
+        dtype=DTYPES[parts.job.process.save.dtype],
+        metadata=metadata,
+    )
 
 
 # --- the loop -----------------------------------------------------------------------------------------
@@ -518,6 +546,7 @@ def train(
     device: torch.device | None = None,
     stop_after: int | None = None,
     dist: Dist | None = None,
+    samples: bool = True,
 ) -> TrainResult:
     """Train the configured experts; `stop_after` ends early after that many steps (for tests).
 
@@ -525,18 +554,25 @@ def train(
     and reports.
     """
     dist = dist or Dist()
-    options = TrainOptions(resume=resume_run, restart_on_new_data=restart_on_new_data, stop_after=stop_after)
+    options = TrainOptions(
+        resume=resume_run, restart_on_new_data=restart_on_new_data, stop_after=stop_after, samples=samples
+    )
     reporter = (reporter or ConsoleReporter()) if dist.is_main else QuietReporter()
     # 1. The run folder: one trainer per folder, claimed before the model loads so a second fails at once.
     with open_run(RunFiles.of(job), dist):
         # 2. The parts: model with LoRAs, optimizer, alpha schedule, batches.
         parts = build_parts(job, cache_dir, device, dist)
+        if not options.samples:
+            parts.sampler = None
         # 3. Resume or start, then record the data and config trained on.
         state = start_run(parts, options, cache_dir, reporter)
         total = job.process.train.steps
         reporter.on_start(job, state.run_id, state.step, total)
         result = TrainResult(run_id=state.run_id, steps=total, files=parts.files)
         started = time.perf_counter()
+        # The samples before training (ai-toolkit's baseline samples; skip_first_sample turns them off).
+        if job.process.train.samples_first(resumed=state.step > 0) and state.step < total:
+            _sample(parts, state, reporter, result)
         # 4. The loop: step, checkpoint if due, sample if due.
         end = total if options.stop_after is None else min(total, options.stop_after)
         _run_steps(parts, state, reporter, result, end=end)
@@ -653,8 +689,13 @@ def _maybe_checkpoint(parts: TrainParts, state: TrainState, reporter: Reporter, 
 def _maybe_sample(
     parts: TrainParts, state: TrainState, reporter: Reporter, result: TrainResult, *, final: bool
 ) -> None:
+    if parts.sampler is not None and parts.sampler.due(state.step, final=final):
+        _sample(parts, state, reporter, result)
+
+
+def _sample(parts: TrainParts, state: TrainState, reporter: Reporter, result: TrainResult) -> None:
     sampler = parts.sampler
-    if sampler is None or not sampler.due(state.step, final=final):
+    if sampler is None:
         return
     written = sampler.write({e: parts.model.expert(e) for e in parts.experts}, state.step)
     result.samples += written

@@ -32,9 +32,14 @@ def build_optimizer(train: TrainConfig, params: dict[str, list[torch.nn.Paramete
     assert experts, "build_optimizer needs the parameters of at least one expert"
     opt = train.optimizer_params
     groups = [
-        {"params": list(params[e]), "expert": e, "lr": opt.for_expert(e, "lr", train.lr)} for e in experts
+        {"params": list(params[e]), "expert": e, "lr": opt.for_expert(e, "lr", train.start_lr)}
+        for e in experts
     ]
-    return _BUILDERS[train.optimizer](groups, opt)
+    optimizer = _BUILDERS[train.optimizer](groups, opt)
+    for group in optimizer.param_groups:
+        # The start rate, which the lr schedule scales (lr_schedule.set_lr); saved with the state.
+        group["base_lr"] = float(group["lr"])
+    return optimizer
 
 
 def load_optimizer_state(optimizer: torch.optim.Optimizer, state_dict: dict, device: torch.device) -> None:
@@ -61,6 +66,13 @@ def check_optimizer(train: TrainConfig, experts: Sequence[str]) -> None:
         opt = train.optimizer_params
         for expert in experts:
             _automagic_bounds(opt, expert, opt.for_expert(expert, "lr", train.lr))
+    if train.optimizer == "prodigy":
+        lrs = {e: train.optimizer_params.for_expert(e, "lr", train.start_lr) for e in experts}
+        if len(set(lrs.values())) > 1:
+            raise ConfigError(
+                f"train.optimizer_params: prodigy estimates one step size for all parameters and "
+                f"refuses different lr per group, got {lrs}; drop high_noise_lr / low_noise_lr"
+            )
 
 
 def _adamw(groups: list[dict[str, Any]], opt: OptimizerParams) -> torch.optim.Optimizer:
@@ -69,7 +81,11 @@ def _adamw(groups: list[dict[str, Any]], opt: OptimizerParams) -> torch.optim.Op
     # expert parked on the CPU while inactive) torch picks its default.
     on_cuda = all(p.is_cuda for g in groups for p in g["params"])
     return torch.optim.AdamW(
-        groups, betas=opt.betas, eps=opt.eps, weight_decay=opt.weight_decay, fused=True if on_cuda else None
+        groups,
+        betas=opt.betas,
+        eps=opt.eps_or(1e-8),
+        weight_decay=opt.weight_decay,
+        fused=True if on_cuda else None,
     )
 
 
@@ -80,7 +96,7 @@ def _adamw8bit(groups: list[dict[str, Any]], opt: OptimizerParams) -> torch.opti
     # torchao quantizes the two moments of tensors with >= 4096 elements and a multiple of block_size
     # (256); smaller tensors keep plain moments in the param dtype. Its step is torch.compile'd, which
     # on CPU needs a C++ compiler and takes tens of seconds on first use.
-    return AdamW8bit(groups, betas=opt.betas, eps=opt.eps, weight_decay=opt.weight_decay)
+    return AdamW8bit(groups, betas=opt.betas, eps=opt.eps_or(1e-8), weight_decay=opt.weight_decay)
 
 
 def _automagic(groups: list[dict[str, Any]], opt: OptimizerParams) -> torch.optim.Optimizer:
@@ -109,10 +125,31 @@ def _automagic_bounds(opt: OptimizerParams, expert: str, lr: float) -> dict[str,
     return bounds
 
 
+def _prodigy(groups: list[dict[str, Any]], opt: OptimizerParams) -> torch.optim.Optimizer:
+    from prodigyopt import Prodigy
+
+    # ai-toolkit builds Prodigy(params, lr, eps=1e-6, **optimizer_params): eps 1e-6 unless given.
+    return Prodigy(
+        groups,
+        betas=opt.betas,
+        beta3=opt.beta3,
+        eps=opt.eps_or(1e-6),
+        weight_decay=opt.weight_decay,
+        decouple=opt.decouple,
+        use_bias_correction=opt.use_bias_correction,
+        safeguard_warmup=opt.safeguard_warmup,
+        d0=opt.d0,
+        d_coef=opt.d_coef,
+        growth_rate=opt.growth_rate,
+        slice_p=opt.slice_p,
+    )
+
+
 _BUILDERS: dict[str, Callable[[list[dict[str, Any]], OptimizerParams], torch.optim.Optimizer]] = {
     "adamw": _adamw,
     "adamw8bit": _adamw8bit,
     "automagic": _automagic,
+    "prodigy": _prodigy,
 }
 
 
@@ -121,6 +158,8 @@ def group_lr(optimizer: torch.optim.Optimizer, group_index: int) -> float:
     group = optimizer.param_groups[group_index]
     if isinstance(optimizer, Automagic):
         return optimizer.mean_lr(group)
+    if "d" in group and "d0" in group:  # prodigy: the step size is its estimate d times lr
+        return float(group["d"]) * float(group["lr"])
     # float() also covers torchao, which keeps lr as a 0-d tensor.
     return float(group["lr"])
 

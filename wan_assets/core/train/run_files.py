@@ -45,10 +45,11 @@ class Checkpoint:
 class RunFiles:
     root: Path
     name: str
+    ema: bool = False  # `train.ema_config.use_ema`: each checkpoint also has the averaged LoRAs
 
     @classmethod
     def of(cls, job: JobConfig) -> RunFiles:
-        return cls(job.run_dir(), job.name)
+        return cls(job.run_dir(), job.name, job.process.train.ema_config.use_ema)
 
     @property
     def metrics(self) -> Path:
@@ -67,10 +68,11 @@ class RunFiles:
     def samples(self) -> Path:
         return self.root / "samples"
 
-    def lora(self, expert: str, step: int | None = None) -> Path:
-        """`<name>_<step:09d>_<expert>.safetensors`, or the final `<name>_<expert>.safetensors`."""
+    def lora(self, expert: str, step: int | None = None, *, ema: bool = False) -> Path:
+        """`<name>_<step:09d>_<expert>.safetensors`, or the final `<name>_<expert>.safetensors`;
+        the EMA weights' files end in `_<expert>_ema.safetensors`."""
         middle = "" if step is None else f"_{step:09d}"
-        return self.root / f"{self.name}{middle}_{expert}.safetensors"
+        return self.root / f"{self.name}{middle}_{expert}{'_ema' if ema else ''}.safetensors"
 
     def alpha_scheduler(self, step: int) -> Path:
         return self.root / f"{self.name}_{step:09d}_alpha_scheduler.json"
@@ -79,7 +81,10 @@ class RunFiles:
         return self.root / f"{self.name}_{step:09d}_state.pt"
 
     def checkpoint_files(self, step: int, experts: tuple[str, ...]) -> list[Path]:
-        return [*(self.lora(e, step) for e in experts), self.alpha_scheduler(step), self.state(step)]
+        loras = [self.lora(e, step) for e in experts]
+        if self.ema:
+            loras += [self.lora(e, step, ema=True) for e in experts]
+        return [*loras, self.alpha_scheduler(step), self.state(step)]
 
     def steps_with(self, suffix: str) -> list[int]:
         """Steps that have a `<name>_<step:09d>_<suffix>` file, oldest first."""

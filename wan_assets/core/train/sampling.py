@@ -161,7 +161,7 @@ class TrainingSampler:
             for i, prompt in enumerate(sample.all_prompts()):
                 image = load_image(prompt.ctrl_img, fallback)
                 text = apply_trigger(prompt.prompt, self.job.process.trigger_word)
-                seed = prompt.seed if prompt.seed is not None else sample.seed + i
+                seed = sample.prompt_seed(i, prompt)
                 frames = generate(pipe, image, text, sample, seed)
                 written.append(write_video(self.out_dir / f"{step:09d}_{i}.mp4", frames, sample.fps))
         return written
