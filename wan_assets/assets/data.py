@@ -24,6 +24,7 @@ from dagster import (
 
 from resources.project import WanProjectResource
 from wan_assets.automation import INDEX, PER_CLIP
+from wan_assets.core.data.buckets import Bucket
 from wan_assets.core.data.cache import (
     CLIP_ERRORS,
     ClipProbe,
@@ -33,6 +34,7 @@ from wan_assets.core.data.cache import (
     encode_clip,
     probe_clip,
 )
+from wan_assets.core.data.video_io import DecodeStats
 from wan_assets.metadata import table_metadata
 
 VIDEOS = "videos"  # the clip partitions' name
@@ -67,6 +69,7 @@ def raw_videos(context: AssetExecutionContext, project: WanProjectResource) -> O
             "width": probe.width,
             "height": probe.height,
             "codec": probe.codec,
+            "pixel_aspect": round(probe.pixel_aspect, 4),
         },
     )
 
@@ -106,13 +109,16 @@ def captions(context: AssetExecutionContext, project: WanProjectResource):
     )
 
 
-@asset(partitions_def=videos, group_name="data", automation_condition=PER_CLIP, code_version="1")
+@asset(partitions_def=videos, group_name="data", automation_condition=PER_CLIP, code_version="2")
 def latents(
     context: AssetExecutionContext, project: WanProjectResource, raw_videos: dict, captions: str
 ) -> Output[dict]:
-    """VAE latents of the sampled frames (normalised), the I2V condition (mask + first-frame latent)
-    and UMT5 embeddings of the caption and the empty caption, in content-addressed safetensors.
-    Unchanged inputs find their files and encode nothing; the data version stays the same."""
+    """The clip's training samples (its windows x resolutions, each in its bucket): VAE latents of
+    each sample's frames (normalised) per cached jitter variant, the I2V condition (mask +
+    first-frame latent), and UMT5 embeddings of the caption and the empty caption, in
+    content-addressed safetensors. Unchanged inputs find their files and encode nothing; the data
+    version stays the same. Metadata lists every sample."""
+    stats = DecodeStats()
     with project.encoder() as encoder:
         try:
             record = encode_clip(
@@ -122,22 +128,38 @@ def latents(
                 project.job(),
                 encoder,
                 project.root().cache,
+                stats,
             )
         except CLIP_ERRORS as exc:
             raise _clip_failure(context, exc) from None
     if record.warning:
         context.log.warning(f"{record.path}: {record.warning}")
+    samples = [
+        {
+            "sample": s.name,
+            "bucket": s.bucket,
+            "start_s": s.start_s,
+            "frames": Bucket.from_key(s.bucket).num_frames,
+            "variants": len(s.variants),
+            "speedup": s.speedup,
+        }
+        for s in record.samples
+    ]
     return Output(
         record.to_json(),
         data_version=DataVersion(record.data_version),
         metadata={
-            "bucket": record.bucket,
-            "variants": len(record.variants),
-            "frame_indices": MetadataValue.json([list(v.indices) for v in record.variants]),
+            "samples": table_metadata(samples),
+            "num_samples": len(record.samples),
+            "buckets": MetadataValue.json(sorted({s.bucket for s in record.samples})),
+            "frame_indices": MetadataValue.json(
+                {s.name: [list(v.indices) for v in s.variants] for s in record.samples}
+            ),
+            "frames_decoded": stats.frames_decoded,
             "vae_calls": encoder.num_vae_calls,
             "text_encoder_calls": encoder.num_text_calls,
-            "speedup": record.speedup,
-            "files": MetadataValue.json([v.file for v in record.variants] + [record.text_file]),
+            "files": MetadataValue.json([*sorted(set(record.variant_files)), record.text_file]),
+            **({"warning": record.warning} if record.warning else {}),
         },
     )
 
@@ -161,12 +183,16 @@ def latent_cache(
     records = [ClipRecord.from_json(r) for r in latents.values()]
     index = build_index(job, records, project.root().cache)
     rows = index.table()
-    context.log.info(f"latent index of {len(records)} clips in {len(rows)} bucket/split groups")
+    num_samples = sum(len(r.samples) for r in records)
+    context.log.info(
+        f"latent index of {len(records)} clips, {num_samples} samples in {len(rows)} bucket/split groups"
+    )
     return Output(
         {"index": str(project.root().cache / "index" / f"{job.name}.json"), "clips": len(records)},
         data_version=DataVersion(index.identity()),
         metadata={
             "clips": len(records),
+            "samples": num_samples,
             "train_clips": sum(1 for s in index.splits.values() if s == "train"),
             "val_clips": sum(1 for s in index.splits.values() if s == "val"),
             "buckets": table_metadata(rows),

@@ -20,7 +20,7 @@ from wan_assets.core.seeds import derive_seed
 @dataclass(frozen=True)
 class Batch:
     bucket: str
-    clip_keys: tuple[str, ...]
+    clip_keys: tuple[str, ...]  # sample ids (`<clip key>#<window>@<resolution>`, LatentIndex)
     epoch: int
     latents: torch.Tensor  # [B, 16, F', h, w] normalised VAE latents (x0)
     condition: torch.Tensor  # [B, 20, F', h, w] mask (4) + first-frame latent (16)
@@ -77,7 +77,7 @@ class BatchStream:
         bucket, keys = self.epoch_plan(epoch)[position]
         latents, conditions, texts, dropped = [], [], [], []
         for key in keys:
-            variant = derive_seed(self.seed, "variant", epoch, key) % len(self.index.clips[key].variants)
+            variant = derive_seed(self.seed, "variant", epoch, key) % len(self.index.sample(key).variants)
             tensors = self.index.load_variant(key, variant)
             drop = random.Random(derive_seed(self.seed, "dropout", n, key)).random() < self.caption_dropout
             latents.append(tensors["latents"])

@@ -24,7 +24,8 @@ def read_caption(clip: Path, caption_ext: str, *, trigger: str | None, default: 
     path = caption_path(clip, caption_ext)
     if path.is_file():
         try:
-            text = path.read_text(encoding="utf-8")
+            # utf-8-sig: Windows editors start UTF-8 files with a byte-order mark; it is not caption text.
+            text = path.read_text(encoding="utf-8-sig")
         except UnicodeDecodeError as exc:
             raise CaptionError(f"{path}: caption is not UTF-8 ({exc.reason} at byte {exc.start})") from None
     elif default is not None:
