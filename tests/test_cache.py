@@ -14,7 +14,8 @@ from diffusers import WanImageToVideoPipeline
 from wan_assets.cli import main
 from wan_assets.core.config import parse_config
 from wan_assets.core.data.buckets import Bucket
-from wan_assets.core.data.cache import EncoderHandle, cache_dataset, load_index, sample_id
+from wan_assets.core.data.cache import EncoderHandle, cache_dataset, load_index
+from wan_assets.core.data.index import sample_id
 from wan_assets.core.data.latents import ClipEncoder, frames_to_bucket, pad_text
 from wan_assets.core.data.synthetic import write_bad_inputs
 from wan_assets.core.model.loading import load_wan_model

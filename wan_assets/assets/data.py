@@ -151,7 +151,7 @@ def latents(
         metadata={
             "samples": table_metadata(samples),
             "num_samples": len(record.samples),
-            "buckets": MetadataValue.json(sorted({s.bucket for s in record.samples})),
+            "bucket": ", ".join(sorted({s.bucket for s in record.samples})),
             "frame_indices": MetadataValue.json(
                 {s.name: [list(v.indices) for v in s.variants] for s in record.samples}
             ),

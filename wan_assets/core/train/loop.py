@@ -24,7 +24,8 @@ import torch
 
 from wan_assets.core.config import JobConfig, dump_config, offloads_inactive_expert
 from wan_assets.core.data.batches import Batch, BatchStream
-from wan_assets.core.data.cache import clip_of, index_path, load_index
+from wan_assets.core.data.cache import index_path, load_index
+from wan_assets.core.data.index import clip_of
 from wan_assets.core.devices import pick_device
 from wan_assets.core.errors import TrainingError
 from wan_assets.core.experts import timestep_window
