@@ -228,3 +228,25 @@ def test_still_image_and_single_frame_are_refused(tmp_path: Path) -> None:
 def test_caption_byte_order_mark_is_not_caption_text(tmp_path: Path) -> None:
     (tmp_path / "a.txt").write_bytes("\ufeffa red circle".encode())
     assert read_caption(tmp_path / "a.mp4", ".txt", trigger="sks", default=None) == "sks, a red circle"
+
+
+def test_window_keys_are_checked_when_the_config_loads(tmp_path: Path) -> None:
+    from wan_assets.core.config import ConfigError
+
+    def dataset(**keys):
+        raw = data_config(tmp_path, tmp_path / "model", **keys)
+        return parse_config(raw, workdir=tmp_path).job.process.datasets[0]
+
+    assert dataset(resolution=768, max_pixels_per_frame=None).pixel_budgets == [("768", 768 * 768)]
+    assert dataset(resolution=[1024, 512], max_pixels_per_frame=None).pixel_budgets == [
+        ("512", 512 * 512),
+        ("1024", 1024 * 1024),
+    ]
+    windows = dataset(frame_extraction="chunk", target_frames=[17, 33], shrink_video_to_frames=False)
+    assert windows.target_frames == [17, 33]
+    with pytest.raises(ConfigError, match=r"target_frames must be 4k\+1.*got 24; use 21 or 25"):
+        dataset(frame_extraction="head", target_frames=[24], shrink_video_to_frames=False)
+    with pytest.raises(ConfigError, match="frame_extraction: slide cuts windows at the dataset fps"):
+        dataset(frame_extraction="slide", shrink_video_to_frames=True)
+    with pytest.raises(ConfigError, match="frame_extraction and auto_frame_count"):
+        dataset(frame_extraction="full", auto_frame_count=True)
