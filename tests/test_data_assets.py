@@ -100,6 +100,10 @@ def test_graph_materializes_good_clips_and_names_bad_ones(instance, project) -> 
     again = run_clip(instance, project, key)
     mat = again.asset_materializations_for_node("latents")[0]
     assert mat.metadata["vae_calls"].value == 0 and mat.metadata["text_encoder_calls"].value == 0
+    assert mat.metadata["frames_decoded"].value == 0
+    # The partition lists its samples: one window (9 frames at 12 fps) at one pixel budget.
+    (sample,) = mat.metadata["samples"].value.records
+    assert sample.data["sample"] == "fps00000-009@4096px" and sample.data["frames"] == 9
     assert _latest(instance, key) == before
 
 
