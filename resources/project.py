@@ -8,7 +8,8 @@ from dagster import ConfigurableResource
 from pydantic import Field
 
 from wan_assets.core.config import JobConfig, load_config
-from wan_assets.core.data.cache import ClipSource, EncoderHandle, discover_clips
+from wan_assets.core.data.cache import ClipSource, EncoderHandle, captioner_for, discover_clips
+from wan_assets.core.data.captioner import CaptionerHandle
 from wan_assets.core.devices import claim_device, pick_device
 from wan_assets.core.workdir import TINY_CONFIG, Workdir
 
@@ -52,6 +53,22 @@ class WanProjectResource(ConfigurableResource):
     @contextmanager
     def encoder(self) -> Iterator[EncoderHandle]:
         """Encoders on a GPU this step holds alone (one per GPU across concurrent steps)."""
-        model_path = self._workdir.ensure_model(self.job().process.model.name_or_path)
+        model = self.job().process.model
+        self._workdir.ensure_model(model.name_or_path)
         with claim_device(self._workdir.root / "locks", self.device) as device:
-            yield EncoderHandle.create(model_path, str(device))
+            yield EncoderHandle.create(model, str(device))
+
+    @contextmanager
+    def captioner(self) -> Iterator[CaptionerHandle | None]:
+        """The job's captioner (None when no dataset auto-captions), on a GPU this step holds alone;
+        it loads on the first clip that needs a caption and is freed when the step ends."""
+        job = self.job()
+        if job.process.captioner is None or captioner_for(job) is None:
+            yield None
+            return
+        with claim_device(self._workdir.root / "locks", job.process.captioner.device) as device:
+            handle = CaptionerHandle(job.process.captioner, job.process.trigger_word, device)
+            try:
+                yield handle
+            finally:
+                handle.release()

@@ -19,6 +19,7 @@ from wan_assets.core.model.lora import (
     adapter_parameters,
     add_lora,
     comfy_module_name,
+    exported_alpha,
     load_lora_into,
     lora_scale,
     lora_state_dict_comfy,
@@ -306,8 +307,16 @@ def test_lokr_round_trip_and_comfy_scale(
             atol=1e-6,
         )
 
+    # Whole-factor modules are applied at scale 1, their scale baked into lokr_w1: their `.alpha` is
+    # the rank (alpha / rank = 1, as LyCORIS writes it), so no reader applies the scale twice.
+    for name in select_modules(trained, network):
+        module = comfy_module_name(name)
+        whole = f"{module}.lokr_w2" in state
+        assert state[f"{module}.alpha"].item() == (RANK if whole else 5.0), module
+    assert exported_alpha(trained, "default", 5.0) == (RANK if full_rank else 5.0)
+
     fresh = _transformer(tiny_model_dir)
     add_lora(fresh, network, "default", seed=3)
-    assert load_lora_into(fresh, path, "default") == 5.0
+    assert load_lora_into(fresh, path, "default") == (RANK if full_rank else 5.0)
     inputs = _inputs()
     assert _max_diff(_forward(fresh, inputs), _forward(trained, inputs)) <= 1e-6

@@ -59,9 +59,13 @@ def cmd_cache(args: argparse.Namespace) -> int:
     from wan_assets.core.progress import progress
 
     workdir, job = _load(args)
-    encoder = EncoderHandle.create(job.process.model.name_or_path)
+    encoder = EncoderHandle.create(job.process.model)
     report = cache_dataset(
-        job, workdir.cache, encoder, progress=lambda it: progress(it, desc="caching clips")
+        job,
+        workdir.cache,
+        encoder,
+        progress=lambda it: progress(it, desc="caching clips"),
+        caption_progress=lambda it: progress(it, desc="captioning (batches)"),
     )
     for row in report.index.table():
         print(
@@ -80,6 +84,57 @@ def cmd_cache(args: argparse.Namespace) -> int:
     if report.failures:
         print(f"{len(report.failures)} clip(s) failed:", file=sys.stderr)
         for reason in report.failures.values():
+            print(f"  {reason}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_caption(args: argparse.Namespace) -> int:
+    from wan_assets.core.data.cache import caption_clips, captioner_for, discover_clips
+    from wan_assets.core.metrics.report import format_table
+    from wan_assets.core.progress import progress
+    from wan_assets.core.train.preflight import caption_preflight
+
+    workdir, job = _load(args, checks=caption_preflight, build_model=False)
+    if args.write:
+        datasets = [
+            d.model_copy(update={"write_auto_captions": d.auto_caption}) for d in job.process.datasets
+        ]
+        job = job.model_copy(update={"process": job.process.model_copy(update={"datasets": datasets})})
+    captioner = captioner_for(job)
+    if captioner is None:
+        print(
+            "no dataset has auto_caption: every caption below comes from its file or default_caption",
+            file=sys.stderr,
+        )
+    results = caption_clips(
+        discover_clips(job),
+        job,
+        workdir.cache,
+        captioner,
+        progress=lambda it: progress(it, desc="captioning (batches)"),
+    )
+    rows, failures = [], []
+    for key, result in results.items():
+        if isinstance(result, Exception):
+            failures.append(str(result))
+        else:
+            new = "yes" if result.generated is not None and result.generated.generated else ""
+            rows.append([key, result.origin, new, result.text])
+    print(format_table(["clip", "origin", "new", "caption"], rows))
+    if captioner is not None:
+        generated = sum(row[2] == "yes" for row in rows)
+        print(
+            f"{generated} caption(s) generated in {captioner.num_generate_calls} batch(es); "
+            f"records in {workdir.cache / 'captions'}",
+            file=sys.stderr,
+        )
+    for result in results.values():
+        if not isinstance(result, Exception) and result.sidecar:
+            print(f"wrote {result.sidecar}", file=sys.stderr)
+    if failures:
+        print(f"{len(failures)} clip(s) failed:", file=sys.stderr)
+        for reason in failures:
             print(f"  {reason}", file=sys.stderr)
         return 1
     return 0
@@ -168,6 +223,14 @@ def cmd_tiny_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tiny_captioner(args: argparse.Namespace) -> int:
+    from wan_assets.core.model.tiny_captioner import build_tiny_captioner
+
+    out = build_tiny_captioner(Path(args.dir), seed=args.seed)
+    print(f"tiny Qwen2.5-VL captioner (random weights) written to {out}")
+    return 0
+
+
 def cmd_sample_videos(args: argparse.Namespace) -> int:
     from wan_assets.core.data.synthetic import write_sample_videos
 
@@ -214,6 +277,15 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("config")
     p = add("cache", cmd_cache, "build the latent cache without Dagster; list failed clips, exit 1 if any")
     p.add_argument("config")
+    p = add(
+        "caption", cmd_caption, "caption clips without a caption file with the local captioner; print them"
+    )
+    p.add_argument("config")
+    p.add_argument(
+        "--write",
+        action="store_true",
+        help="also write each generated caption next to its clip (never over an existing file)",
+    )
     p = add("train", cmd_train, "train the LoRA(s) from the latent cache, no Dagster needed")
     p.add_argument("config")
     p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
@@ -236,6 +308,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
     p.add_argument("--port", type=int, default=3000)
     p = add("tiny-model", cmd_tiny_model, "write the embedded tiny Wan 2.2 I2V model to DIR")
+    p.add_argument("dir")
+    p.add_argument("--seed", type=int, default=0)
+    p = add("tiny-captioner", cmd_tiny_captioner, "write the embedded tiny Qwen2.5-VL captioner to DIR")
     p.add_argument("dir")
     p.add_argument("--seed", type=int, default=0)
     p = add("sample-videos", cmd_sample_videos, "write the synthetic clips with captions to DIR")

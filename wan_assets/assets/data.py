@@ -6,6 +6,7 @@ with a message naming the file and the reason; every other clip goes on.
 
 import hashlib
 from dataclasses import asdict
+from typing import Any
 
 from dagster import (
     AllPartitionMapping,
@@ -30,7 +31,7 @@ from wan_assets.core.data.cache import (
     ClipProbe,
     ClipRecord,
     build_index,
-    caption_clip,
+    caption_clips,
     encode_clip,
     probe_clip,
 )
@@ -91,15 +92,26 @@ def raw_videos(context: AssetExecutionContext, project: WanProjectResource) -> O
 )
 def captions(context: AssetExecutionContext, project: WanProjectResource):
     """The clip's sidecar caption (`caption_ext`), with `[trigger]` / `[name]` replaced by the trigger
-    word (prepended when absent), or `default_caption` when the file is missing."""
-    try:
-        caption = caption_clip(project.source(context.partition_key), project.job())
-    except CLIP_ERRORS as exc:
-        raise _clip_failure(context, exc) from None
+    word (prepended when absent). Without a file: the local captioner's caption when the dataset has
+    `auto_caption` (content-addressed in the cache: generated once per clip, model and prompt), else
+    `default_caption`. A caption file always wins."""
+    source = project.source(context.partition_key)
+    with project.captioner() as captioner:
+        result = caption_clips([source], project.job(), project.root().cache, captioner)[source.key]
+    if isinstance(result, Exception):  # a clip error (unreadable frames, caption file not UTF-8, ...)
+        raise _clip_failure(context, result) from None
+    caption = result.text
+    metadata: dict[str, Any] = {"caption": caption, "words": len(caption.split()), "origin": result.origin}
+    if result.generated is not None:
+        metadata |= result.generated.metadata()
+        metadata["captioner_loads"] = captioner.num_loads if captioner is not None else 0
+        metadata["generate_calls"] = captioner.num_generate_calls if captioner is not None else 0
+    if result.sidecar is not None:
+        metadata["sidecar_written"] = MetadataValue.path(result.sidecar)
     yield Output(
         caption,
         data_version=DataVersion(hashlib.sha256(caption.encode()).hexdigest()),
-        metadata={"caption": caption, "words": len(caption.split())},
+        metadata=metadata,
     )
     yield AssetCheckResult(
         check_name="caption_not_empty",

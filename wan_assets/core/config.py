@@ -17,7 +17,15 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from wan_assets.core.experts import EXPERTS, Expert
 
@@ -247,6 +255,10 @@ class DatasetConfig(_Model):
     trim_auto_frame_count_tail: bool = True
     do_i2v: bool = True
     validation_split: float = Field(default=0.0, ge=0, lt=1)
+    # A clip without a caption file gets one from the `captioner` section's model (a caption file
+    # always wins); `write_auto_captions` also writes it next to the clip, never over a file.
+    auto_caption: bool = False
+    write_auto_captions: bool = False
 
     @field_validator("caption_ext")
     @classmethod
@@ -308,6 +320,18 @@ class DatasetConfig(_Model):
         if self.max_pixels_per_frame is not None:
             return [(f"{self.max_pixels_per_frame}px", self.max_pixels_per_frame)]
         return [(str(r), r * r) for r in sorted(set(self.resolution))]
+
+    @model_validator(mode="after")
+    def _one_fallback_caption(self) -> DatasetConfig:
+        if self.auto_caption and self.default_caption is not None:
+            raise ValueError(
+                "default_caption and auto_caption both say what a clip without a caption file gets; keep one"
+            )
+        if self.write_auto_captions and not self.auto_caption:
+            raise ValueError(
+                "write_auto_captions needs auto_caption: true (it writes the generated captions)"
+            )
+        return self
 
     @property
     def num_cache_variants(self) -> int:
@@ -424,7 +448,6 @@ class ModelConfig(_Model):
         {
             "quantize_te",
             "qtype_te",
-            "extras_name_or_path",
             "assistant_lora_path",
             "inference_lora_path",
             "is_flux",
@@ -433,6 +456,15 @@ class ModelConfig(_Model):
     )
     name_or_path: str
     arch: Literal["wan22_14b_i2v"] = "wan22_14b_i2v"
+    # Where the parts come from (model/sources.py, docs/architecture.md §3.1). ai-toolkit's keys:
+    # extras_name_or_path (VAE, text encoder, tokenizer, scheduler; default name_or_path), vae_path,
+    # te_name_or_path (also read as text_encoder_path). This project's: one file or shard folder per
+    # expert. A file replaces that part of its root; its config still comes from the root.
+    extras_name_or_path: str | None = None
+    high_noise_path: str | None = None
+    low_noise_path: str | None = None
+    vae_path: str | None = None
+    te_name_or_path: str | None = Field(default=None, alias="text_encoder_path")
     # Weight-only quantization of the frozen experts (memory mode): qfloat8/float8 -> torchao fp8
     # weight-only, qint8/int8 -> int8 weight-only, uint4/int4 -> int4 weight-only (CUDA only). The
     # seed's "uint4|<accuracy recovery adapter>" form is accepted; the adapter part is not applied.
@@ -467,6 +499,29 @@ class ValidationConfig(_Model):
     num_samples: int = Field(default=1, ge=0)
 
 
+# What the captioner is asked by default: a training caption for a video model, in one paragraph.
+DEFAULT_CAPTION_PROMPT = (
+    "The images are frames of one video clip, in order. Write a caption for training a text-to-video "
+    "model: one paragraph that describes the main subject and its appearance, what moves and how, the "
+    "camera movement, the setting and the lighting. Describe the video, not the frames."
+)
+
+
+class CaptionerConfig(_Model):
+    """A local vision-language model (Qwen2.5-VL) that captions clips without a caption file
+    (docs/architecture.md §4). `[trigger]` in the prompt becomes the trigger word; the caption it
+    writes then gets the trigger handling a caption file gets."""
+
+    name_or_path: str
+    device: str = "auto"
+    dtype: DType = "bf16"
+    prompt: str = DEFAULT_CAPTION_PROMPT
+    frames_per_clip: int = Field(default=8, ge=1)
+    max_pixels: int = Field(default=360 * 640, ge=28 * 28, description="pixels per frame the model sees")
+    max_new_tokens: int = Field(default=160, ge=1)
+    batch_size: int = Field(default=4, ge=1)
+
+
 def offloads_inactive_expert(train: TrainConfig, model: ModelConfig) -> bool:
     """Whether the expert not training waits in CPU memory (`train.offload_inactive_expert` or the
     seed's `model.low_vram`)."""
@@ -486,6 +541,21 @@ class ProcessConfig(_Model):
     sample: SampleConfig | None = None
     logging: LoggingConfig = LoggingConfig()
     validation: ValidationConfig = ValidationConfig()
+    captioner: CaptionerConfig | None = None
+
+    @model_validator(mode="after")
+    def _captioner_when_asked(self) -> ProcessConfig:
+        asking = [i for i, d in enumerate(self.datasets) if d.auto_caption]
+        if asking and self.captioner is None:
+            raise ValueError(
+                f"datasets[{asking[0]}].auto_caption needs a `captioner` section "
+                "(captioner.name_or_path: a local Qwen2.5-VL folder)"
+            )
+        if self.captioner is not None and "[trigger]" in self.captioner.prompt and not self.trigger_word:
+            raise ValueError(
+                "captioner.prompt uses [trigger] but trigger_word is not set; set it or drop [trigger]"
+            )
+        return self
 
 
 class JobConfig(_Model):
@@ -495,6 +565,13 @@ class JobConfig(_Model):
     process: ProcessConfig
     meta: dict[str, Any] = Field(default_factory=dict)
     source: Path | None = None
+    # Key path -> the string as written, for every value that had `${VAR}` substituted; shared files
+    # (exported LoRAs) show these instead of the machine's values (model/metadata.py).
+    _templates: dict[str, str] = PrivateAttr(default_factory=dict)
+
+    @property
+    def templates(self) -> dict[str, str]:
+        return dict(self._templates)
 
     @property
     def experts(self) -> tuple[str, ...]:
@@ -547,8 +624,9 @@ def parse_config(raw: Any, *, source: Path | None = None, workdir: str | Path | 
     if unwrapped is None:
         raise ConfigError(problems, source=source)
     process_raw, name, meta = unwrapped
-    process_raw = _substitute(process_raw, name, problems)
-    meta = _substitute(meta, name, problems, "meta")
+    templates: dict[str, str] = {}
+    process_raw = _substitute(process_raw, name, problems, templates=templates)
+    meta = _substitute(meta, name, problems, "meta", templates=templates)
     inert: list[str] = []
     process_raw = _strip_inert(process_raw, ProcessConfig, "", inert)
     try:
@@ -556,6 +634,7 @@ def parse_config(raw: Any, *, source: Path | None = None, workdir: str | Path | 
     except ValidationError as exc:
         raise ConfigError([*problems, *_describe(exc, ProcessConfig)], source=source) from None
     job = JobConfig(name=name, process=process, meta=meta, source=source)
+    job._templates.update(templates)
     base = Path(workdir) if workdir is not None else default_workdir()
     job = _resolve_paths(job, base, problems)
     if problems:
@@ -592,9 +671,14 @@ def _unwrap_job(raw: Any, problems: list[str]) -> tuple[dict, str, dict] | None:
     return processes[0], str(config["name"]), dict(meta)
 
 
-def _substitute(value: Any, name: str, problems: list[str], path: str = "") -> Any:
-    """`[name]` -> the job name and `${VAR}` -> the environment, in every string, as ai-toolkit does."""
+def _substitute(
+    value: Any, name: str, problems: list[str], path: str = "", *, templates: dict[str, str]
+) -> Any:
+    """`[name]` -> the job name and `${VAR}` -> the environment, in every string, as ai-toolkit does;
+    `templates` records the strings that named a variable, as written."""
     if isinstance(value, str):
+        if _ENV.search(value):
+            templates[path] = value
 
         def env(match: re.Match) -> str:
             var = match.group(1)
@@ -606,10 +690,13 @@ def _substitute(value: Any, name: str, problems: list[str], path: str = "") -> A
         return _ENV.sub(env, value.replace("[name]", name))
     if isinstance(value, dict):
         return {
-            k: _substitute(v, name, problems, f"{path}.{k}" if path else str(k)) for k, v in value.items()
+            k: _substitute(v, name, problems, f"{path}.{k}" if path else str(k), templates=templates)
+            for k, v in value.items()
         }
     if isinstance(value, list):
-        return [_substitute(v, name, problems, f"{path}[{i}]") for i, v in enumerate(value)]
+        return [
+            _substitute(v, name, problems, f"{path}[{i}]", templates=templates) for i, v in enumerate(value)
+        ]
     return value
 
 
@@ -748,19 +835,40 @@ def _resolve_paths(job: JobConfig, base: Path, problems: list[str]) -> JobConfig
         validation = validation.model_copy(update={"folder_path": folder})
         if not folder.is_dir():
             problems.append(f"validation.folder_path: folder {folder} does not exist")
-    model = job.process.model
-    if _is_workdir_relative(model.name_or_path, base):
-        model = model.model_copy(update={"name_or_path": str(_under(base, Path(model.name_or_path)))})
+    model = _resolve_model_paths(job.process.model, base)
+    captioner = job.process.captioner
+    if captioner is not None:  # always a local folder (its content hash is the cache identity)
+        captioner = captioner.model_copy(
+            update={"name_or_path": str(_under(base, Path(captioner.name_or_path)))}
+        )
     process = job.process.model_copy(
         update={
             "datasets": datasets,
             "training_folder": _under(base, job.process.training_folder),
             "validation": validation,
             "model": model,
+            "captioner": captioner,
             "sample": _resolve_samples(job.process.sample, base),
         }
     )
     return job.model_copy(update={"process": process})
+
+
+MODEL_FILE_KEYS = ("high_noise_path", "low_noise_path", "vae_path", "te_name_or_path")
+
+
+def _resolve_model_paths(model: ModelConfig, base: Path) -> ModelConfig:
+    """Roots as `_is_workdir_relative` tells folders from hub ids; part files always local."""
+    update: dict[str, str] = {}
+    for key in ("name_or_path", "extras_name_or_path"):
+        value = getattr(model, key)
+        if value is not None and _is_workdir_relative(value, base):
+            update[key] = str(_under(base, Path(value)))
+    for key in MODEL_FILE_KEYS:
+        value = getattr(model, key)
+        if value is not None:
+            update[key] = str(_under(base, Path(value)))
+    return model.model_copy(update=update)
 
 
 def _resolve_samples(sample: SampleConfig | None, base: Path) -> SampleConfig | None:

@@ -85,6 +85,23 @@ def write_text(path: Path, text: str) -> Path:
     return write_bytes(path, text.encode("utf-8"))
 
 
+def create_text(path: Path, text: str) -> bool:
+    """Write `path` only if nothing is there, never over a file (a user's caption, say), appearing
+    whole. False when a file was there already; a file that appears meanwhile also wins."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp_path = temp_name(path)
+    try:
+        tmp_path.write_bytes(text.encode("utf-8"))
+        os.chmod(tmp_path, 0o666 & ~current_umask())
+        os.link(tmp_path, path)  # unlike a rename, a link refuses an existing target
+    except FileExistsError:
+        return False
+    finally:
+        tmp_path.unlink(missing_ok=True)
+    return True
+
+
 def write_json(path: Path, data: Any) -> Path:
     return write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
 

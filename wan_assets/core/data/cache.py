@@ -17,13 +17,25 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
 
-from wan_assets.core.config import DatasetConfig, JobConfig
+from wan_assets.core.config import DatasetConfig, JobConfig, ModelConfig
 from wan_assets.core.data.buckets import Bucket, BucketError, choose_bucket
-from wan_assets.core.data.captions import CaptionError, read_caption, require_caption
+from wan_assets.core.data.captioner import (
+    CaptionerHandle,
+    CaptionRequest,
+    GeneratedCaption,
+    generated_captions,
+)
+from wan_assets.core.data.captions import (
+    CaptionError,
+    caption_path,
+    read_caption,
+    require_caption,
+)
 from wan_assets.core.data.frames import FrameSampling, FrameSamplingError, jittered, plan_windows
 from wan_assets.core.data.index import (
     INDEX_VERSION,
@@ -43,7 +55,7 @@ from wan_assets.core.data.video_io import (
     read_timeline,
 )
 from wan_assets.core.devices import pick_device
-from wan_assets.core.files import write_json, write_safetensors
+from wan_assets.core.files import create_text, write_json, write_safetensors
 
 # Clips decoded ahead while the encoders work (each holds its bucketed frames in RAM).
 PREFETCH_CLIPS = 2
@@ -122,11 +134,94 @@ def probe_clip(source: ClipSource) -> ClipProbe:
     )
 
 
-def caption_clip(source: ClipSource, job: JobConfig) -> str:
+def caption_clip(source: ClipSource, job: JobConfig, generated: GeneratedCaption | None = None) -> str:
     dataset = job.process.datasets[source.dataset_index]
     return read_caption(
-        source.path, dataset.caption_ext, trigger=job.process.trigger_word, default=dataset.default_caption
+        source.path,
+        dataset.caption_ext,
+        trigger=job.process.trigger_word,
+        default=dataset.default_caption,
+        generated=generated.text if generated is not None else None,
     )
+
+
+# --- captions a local model writes (docs/architecture.md §4) ---------------------------------------
+
+
+@dataclass(frozen=True)
+class ClipCaption:
+    """The caption a clip trains with and where it came from."""
+
+    text: str
+    origin: Literal["file", "generated", "default"]  # the user's file always comes first
+    generated: GeneratedCaption | None = None
+    sidecar: str | None = None  # the caption file this run wrote (write_auto_captions)
+
+
+def captioner_for(job: JobConfig, device: torch.device | None = None) -> CaptionerHandle | None:
+    """The captioner when a dataset auto-captions (nothing loads until a clip needs it)."""
+    config = job.process.captioner
+    if config is None or not any(d.auto_caption for d in job.process.datasets):
+        return None
+    return CaptionerHandle(config, job.process.trigger_word, device)
+
+
+def caption_clips(
+    sources: Iterable[ClipSource],
+    job: JobConfig,
+    cache_dir: Path,
+    captioner: CaptionerHandle | None,
+    progress: Callable[[Iterable], Iterable] = iter,
+) -> dict[str, ClipCaption | Exception]:
+    """Each clip's caption by partition key; a clip that cannot have one gets its error instead.
+
+    A caption file always wins. A clip without one in a dataset with `auto_caption` gets the
+    captioner's caption, generated in batches only for clips whose key (bytes, model, prompt,
+    settings) is not in the cache yet; `write_auto_captions` writes it next to the clip when
+    nothing is there, so the user can edit it (the edit then wins).
+    """
+    sources = list(sources)
+    datasets = job.process.datasets
+    wanted = [
+        s
+        for s in sources
+        if datasets[s.dataset_index].auto_caption
+        and not caption_path(s.path, datasets[s.dataset_index].caption_ext).is_file()
+    ]
+    found: dict[str, GeneratedCaption | Exception] = {}
+    requests = []
+    for source in wanted:
+        try:
+            probe = probe_clip(source)
+        except CLIP_ERRORS as exc:
+            found[source.key] = exc
+            continue
+        requests.append(CaptionRequest(source.key, source.path, probe.sha256, probe.num_frames))
+    if requests:
+        assert captioner is not None, "a dataset auto-captions: pass captioner_for(job)"
+        found |= generated_captions(requests, captioner, cache_dir, progress)
+    return {s.key: _clip_caption(s, job, found.get(s.key)) for s in sources}
+
+
+def _clip_caption(
+    source: ClipSource, job: JobConfig, found: GeneratedCaption | Exception | None
+) -> ClipCaption | Exception:
+    if isinstance(found, Exception):
+        return found
+    dataset = job.process.datasets[source.dataset_index]
+    path = caption_path(source.path, dataset.caption_ext)
+    try:
+        if found is None or path.is_file():  # the user's file (also one written meanwhile), or the default
+            return ClipCaption(caption_clip(source, job), "file" if path.is_file() else "default")
+        if not found.text:
+            raise CaptionError(
+                f"{path}: the captioner ({found.model_path}) wrote an empty caption; write a caption file"
+            )
+        text = caption_clip(source, job, found)
+    except CaptionError as exc:
+        return exc
+    written = dataset.write_auto_captions and create_text(path, text)
+    return ClipCaption(text, "generated", found, str(path) if written else None)
 
 
 # --- encoding ---------------------------------------------------------------------------------------
@@ -136,7 +231,7 @@ def caption_clip(source: ClipSource, job: JobConfig) -> str:
 class EncoderHandle:
     """Loads the VAE and text encoder on first use, so a fully cached clip never loads a model."""
 
-    model_path: str
+    source: str | ModelConfig  # a model root, or a run's `model` config with per-part files
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     vae_dtype: torch.dtype = torch.float32
     text_dtype: torch.dtype = torch.float32
@@ -144,18 +239,18 @@ class EncoderHandle:
     _identity: dict[str, str] | None = None
 
     @classmethod
-    def create(cls, model_path: str, device: str = "auto") -> EncoderHandle:
+    def create(cls, source: str | ModelConfig, device: str = "auto") -> EncoderHandle:
         """bf16 encoders on CUDA (as diffusers runs Wan), fp32 on CPU."""
         dev = pick_device(device)
         dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
-        return cls(model_path, device=dev, vae_dtype=dtype, text_dtype=dtype)
+        return cls(source, device=dev, vae_dtype=dtype, text_dtype=dtype)
 
     def get(self) -> ClipEncoder:
         if self._encoder is None:
             from wan_assets.core.model.loading import load_wan_model
 
             parts = load_wan_model(
-                self.model_path,
+                self.source,
                 dtype=self.text_dtype,
                 vae_dtype=self.vae_dtype,
                 device=self.device,
@@ -176,11 +271,16 @@ class EncoderHandle:
     def identity(self) -> dict[str, str]:
         """Encoder identities for the content keys (no model load needed)."""
         if self._identity is None:
-            local = Path(self.model_path)
-            if local.is_dir():
-                ids = {sub: component_identity(local, sub) for sub in ("vae", "text_encoder", "tokenizer")}
-            else:
-                ids = {sub: f"{self.model_path}/{sub}" for sub in ("vae", "text_encoder", "tokenizer")}
+            from wan_assets.core.model.sources import WanSources
+
+            sources = WanSources.of(self.source)
+            ids = {}
+            for part in ("vae", "text_encoder", "tokenizer"):
+                root, subfolder = sources.location(part)
+                local = Path(root) / subfolder
+                ids[part] = component_identity(root, subfolder) if local.exists() else f"{root}/{subfolder}"
+                if part in sources.files:  # its config comes from the root
+                    ids[f"{part}_config"] = f"{sources.layout(part)}:{sources.root(part)}"
             self._identity = {**ids, "vae_dtype": str(self.vae_dtype), "text_dtype": str(self.text_dtype)}
         return self._identity
 
@@ -449,6 +549,8 @@ def cache_dataset(
     progress: Callable[[Iterable], Iterable] = iter,
     *,
     prefetch: int = PREFETCH_CLIPS,
+    captioner: CaptionerHandle | None = None,
+    caption_progress: Callable[[Iterable], Iterable] = iter,
 ) -> CacheReport:
     """Process every clip; failures are collected, never raised, so one bad clip stops nothing.
 
@@ -460,18 +562,27 @@ def cache_dataset(
     the next clips' frames (PyAV and torch release the GIL there), handing each variant over as it
     is ready, so decoding stays off the critical path and a long clip never sits in memory whole.
     Clips are encoded and reported in the same order as without prefetching: same files, same index.
+    Captions come first (`caption_clips`), so a captioner loads once and is freed before encoding.
     """
     records, failures, warnings, kept = [], {}, {}, []
     decode = DecodeStats()
     previous = previous_records(index_path(cache_dir, job))
-    clips = iter(progress(discover_clips(job)))
+    sources = discover_clips(job)
+    captioner = captioner or captioner_for(job)
+    captions = caption_clips(sources, job, cache_dir, captioner, caption_progress)
+    if captioner is not None:
+        captioner.release()
+    clips = iter(progress(sources))
     with ThreadPoolExecutor(max_workers=max(prefetch, 1), thread_name_prefix="decode") as pool:
         pending: deque[_ClipFeed] = deque()
 
         def submit_next() -> None:
             source = next(clips, None)
             if source is not None:
-                pending.append(_ClipFeed(source, job, encoder, cache_dir, pool if prefetch > 0 else None))
+                caption = captions[source.key]
+                pending.append(
+                    _ClipFeed(source, caption, job, encoder, cache_dir, pool if prefetch > 0 else None)
+                )
 
         for _ in range(max(prefetch, 1)):
             submit_next()
@@ -510,6 +621,7 @@ class _ClipFeed:
     def __init__(
         self,
         source: ClipSource,
+        caption: ClipCaption | Exception,
         job: JobConfig,
         encoder: EncoderHandle,
         cache_dir: Path,
@@ -517,7 +629,7 @@ class _ClipFeed:
     ) -> None:
         self.source = source
         self.stats = DecodeStats()
-        self._args = (job, encoder, cache_dir)
+        self._args = (caption, job, encoder, cache_dir)
         self._queue: queue.Queue = queue.Queue(maxsize=_HANDOFF_DEPTH)
         self._stop = threading.Event()
         self._plan: ClipPlan | None = None
@@ -571,6 +683,14 @@ class _ClipFeed:
         return False
 
 
-def _plan_source(source: ClipSource, job: JobConfig, encoder: EncoderHandle, cache_dir: Path) -> ClipPlan:
+def _plan_source(
+    source: ClipSource,
+    caption: ClipCaption | Exception,
+    job: JobConfig,
+    encoder: EncoderHandle,
+    cache_dir: Path,
+) -> ClipPlan:
     probe = probe_clip(source)
-    return plan_clip(source, probe, caption_clip(source, job), job, encoder, cache_dir)
+    if isinstance(caption, Exception):
+        raise caption
+    return plan_clip(source, probe, caption.text, job, encoder, cache_dir)

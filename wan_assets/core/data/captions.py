@@ -19,8 +19,11 @@ def caption_path(clip: Path, caption_ext: str) -> Path:
     return clip.with_suffix(caption_ext)
 
 
-def read_caption(clip: Path, caption_ext: str, *, trigger: str | None, default: str | None) -> str:
-    """The caption text of one clip, with the trigger word applied."""
+def read_caption(
+    clip: Path, caption_ext: str, *, trigger: str | None, default: str | None, generated: str | None = None
+) -> str:
+    """The caption text of one clip, with the trigger word applied: the caption file when there is
+    one (a user's caption always wins), else the captioner's `generated` text, else `default`."""
     path = caption_path(clip, caption_ext)
     if path.is_file():
         try:
@@ -28,11 +31,14 @@ def read_caption(clip: Path, caption_ext: str, *, trigger: str | None, default: 
             text = path.read_text(encoding="utf-8-sig")
         except UnicodeDecodeError as exc:
             raise CaptionError(f"{path}: caption is not UTF-8 ({exc.reason} at byte {exc.start})") from None
+    elif generated is not None:
+        text = generated
     elif default is not None:
         text = default
     else:
         raise CaptionError(
-            f"{path}: caption file missing for {clip.name}; write one or set default_caption in the dataset"
+            f"{path}: caption file missing for {clip.name}; write one, or set default_caption or "
+            "auto_caption in the dataset"
         )
     # May be empty: the `captions` asset check and `wan-assets cache` report that (require_caption).
     return apply_trigger(" ".join(text.split()), trigger)

@@ -116,17 +116,19 @@ def pad_text(embeds_ld: torch.Tensor, length: int = MAX_SEQUENCE_LENGTH) -> torc
 
 
 def component_identity(model_path: str | Path, subfolder: str) -> str:
-    """A content hash of one model component (config plus a fingerprint of its weight files).
+    """A content hash of one model component (config plus a fingerprint of its weight files), in a
+    folder or, with `subfolder` "", one single file (ComfyUI's, the official `.pth`).
 
     Hashing whole 10 GB weight files on every run would cost minutes; size plus the first and last
     MiB of each file changes whenever the weights do in practice.
     """
     folder = Path(model_path) / subfolder
     digest = hashlib.sha256(str(subfolder).encode())
-    for path in sorted(folder.rglob("*")):
+    files = [folder] if folder.is_file() else sorted(folder.rglob("*"))
+    for path in files:
         if not path.is_file():
             continue
-        digest.update(path.relative_to(folder).as_posix().encode())
+        digest.update(path.name.encode() if path == folder else path.relative_to(folder).as_posix().encode())
         size = path.stat().st_size
         digest.update(str(size).encode())
         with path.open("rb") as handle:

@@ -84,7 +84,7 @@ def evaluate_run(job: JobConfig, cache_dir: Path, *, device: torch.device | None
     files = RunFiles.of(job)
     index = load_index(index_path(cache_dir, job))
     dtype = DTYPES[job.process.train.dtype]
-    model = load_wan_model(job.process.model.name_or_path, dtype=dtype, device=device)
+    model = load_wan_model(job.process.model, dtype=dtype, device=device)
     network, validation = job.process.network, job.process.validation
     for expert in job.experts:
         add_lora(model.expert(expert), network, expert, seed=0)

@@ -1,7 +1,10 @@
-"""The one loader for Wan 2.2 I2V-A14B models in the diffusers layout (tiny or real, folder or hub id).
+"""The one loader for Wan 2.2 I2V-A14B models (tiny or real), from the weights users have.
 
-Layout (docs/architecture.md §3): `transformer/` = high-noise expert, `transformer_2/` = low-noise expert,
-`vae/`, `text_encoder/`, `tokenizer/`, `scheduler/`, `model_index.json` (which holds boundary_ratio).
+Diffusers layout (docs/architecture.md §3): `transformer/` = high-noise expert, `transformer_2/` =
+low-noise expert, `vae/`, `text_encoder/`, `tokenizer/`, `scheduler/`, `model_index.json` (which holds
+boundary_ratio); loaded by `from_pretrained`. The official release folder and per-part files
+(ComfyUI's single files, fp8_scaled included) come in through model/sources.py and model/weights.py
+(§3.1) and end as the same modules.
 """
 
 from __future__ import annotations
@@ -15,19 +18,42 @@ from typing import Any, TypeVar
 
 import diffusers
 import torch
-from diffusers import AutoencoderKLWan, WanImageToVideoPipeline, WanTransformer3DModel
+from diffusers import (
+    AutoencoderKLWan,
+    UniPCMultistepScheduler,
+    WanImageToVideoPipeline,
+    WanTransformer3DModel,
+)
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, UMT5EncoderModel
 
+from wan_assets.core.config import ModelConfig
 from wan_assets.core.experts import (
     EXPERT_SUBFOLDERS,
     EXPERTS,
+    I2V_BOUNDARY_RATIO,
     Expert,
     boundary_timestep,
     check_expert,
 )
+from wan_assets.core.model.sources import (
+    COMPONENTS,
+    DIFFUSERS_SUBFOLDERS,
+    FILE_KEYS,
+    OFFICIAL_PATHS,
+    WanSources,
+    check_component,
+    component_weights,
+    is_local,
+    resolve_name,
+    root_layout,
+)
+from wan_assets.core.model.tiny import SCHEDULER
+from wan_assets.core.model.weights import WeightsError, build_text_encoder, build_transformer, build_vae
 
 PIPELINE_CLASS = "WanImageToVideoPipeline"
+# The official release has no scheduler config: Wan 2.2 I2V-A14B samples with UniPC, flow shift 5.0.
+OFFICIAL_SCHEDULER = ("diffusers", "UniPCMultistepScheduler")
 
 M = TypeVar("M", bound=torch.nn.Module)
 
@@ -110,7 +136,7 @@ class WanComponents:
 
 
 def load_wan_model(
-    name_or_path: str | Path,
+    source: str | Path | ModelConfig | WanSources,
     *,
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
@@ -123,25 +149,29 @@ def load_wan_model(
 ) -> WanComponents:
     """Load the requested parts of a Wan 2.2 I2V-A14B model, frozen (requires_grad off), in eval mode.
 
-    `dtype` applies to the experts and the text encoder; the VAE gets `vae_dtype` (float32 by default,
-    as diffusers' Wan examples run it). LoRA adapters added later are the only trainable parameters.
-    `training=True` refuses attention backends that cannot run backward. Experts not named in
-    `load_experts` (and the text encoder / VAE when switched off) are None in the result.
+    `source` is a diffusers folder / hub id / official release folder, or a run's `model` config with
+    per-part files (model/sources.py). `dtype` applies to the experts and the text encoder; the VAE
+    gets `vae_dtype` (float32 by default, as diffusers' Wan examples run it). LoRA adapters added
+    later are the only trainable parameters. `training=True` refuses attention backends that cannot
+    run backward. Experts not named in `load_experts` (and the text encoder / VAE when switched off)
+    are None in the result.
     """
     dispatcher_backend = resolve_attention_backend(attention_backend, training=training)
     experts = tuple(dict.fromkeys(check_expert(e) for e in load_experts))
-    name = _resolve_name(name_or_path)
-    index = read_model_index(name)
-    _require_subfolders(name, _needed_subfolders(experts, load_text_encoder, load_vae))
-    transformers = {e: _load_expert(name, e, dtype, device, dispatcher_backend) for e in experts}
+    sources = WanSources.of(source)
+    index = model_index(sources)
+    _require_roots(
+        sources, (*experts, *(["text_encoder"] if load_text_encoder else []), *(["vae"] if load_vae else []))
+    )
+    transformers = {e: _load_expert(sources, e, dtype, device, dispatcher_backend) for e in experts}
     return WanComponents(
-        name_or_path=name,
+        name_or_path=sources.describe(),
         boundary_ratio=float(index["boundary_ratio"]),
         expand_timesteps=bool(index.get("expand_timesteps", False)),
-        scheduler=_load_scheduler(name, index),
-        tokenizer=AutoTokenizer.from_pretrained(name, subfolder="tokenizer") if load_text_encoder else None,
-        text_encoder=_load_text_encoder(name, dtype, device) if load_text_encoder else None,
-        vae=_load_vae(name, vae_dtype, device) if load_vae else None,
+        scheduler=_load_scheduler(sources, index),
+        tokenizer=_load_tokenizer(sources) if load_text_encoder else None,
+        text_encoder=_load_text_encoder(sources, dtype, device) if load_text_encoder else None,
+        vae=_load_vae(sources, vae_dtype, device) if load_vae else None,
         transformer_high=transformers.get("high_noise"),
         transformer_low=transformers.get("low_noise"),
     )
@@ -170,8 +200,8 @@ def resolve_attention_backend(name: str, *, training: bool) -> str:
 
 def read_model_index(name_or_path: str | Path) -> dict[str, Any]:
     """model_index.json of a local folder or hub repo, checked to be a two-expert Wan 2.2 I2V model."""
-    name_or_path = _resolve_name(name_or_path)
-    if _is_local(name_or_path):
+    name_or_path = resolve_name(name_or_path)
+    if is_local(name_or_path):
         _require_model_index(Path(name_or_path))
     try:
         index = dict(WanImageToVideoPipeline.load_config(name_or_path))
@@ -184,11 +214,43 @@ def read_model_index(name_or_path: str | Path) -> dict[str, Any]:
     return index
 
 
-def check_model_layout(name_or_path: str | Path) -> None:
-    """Raise the error `load_wan_model` would for a model it cannot load whole (before any work)."""
-    name = _resolve_name(name_or_path)
-    read_model_index(name)
-    _require_subfolders(name, _needed_subfolders(EXPERTS, text_encoder=True, vae=True))
+def model_index(sources: WanSources) -> dict[str, Any]:
+    """model_index.json of the extras root; the official release's values (wan/configs) for its layout."""
+    root = sources.extras_name_or_path
+    if root_layout(root) == "official":
+        return {
+            "boundary_ratio": I2V_BOUNDARY_RATIO,
+            "expand_timesteps": False,
+            "scheduler": OFFICIAL_SCHEDULER,
+        }
+    return read_model_index(root)
+
+
+def source_problems(source: str | Path | ModelConfig | WanSources) -> list[str]:
+    """What `load_wan_model` would refuse for the whole model, one line per problem, naming the
+    config key and path (before any work; part files are checked by their keys and shapes)."""
+    sources = WanSources.of(source)
+    problems = []
+    for key, root in {sources.root_key(c): sources.root(c) for c in ("high_noise", "scheduler")}.items():
+        try:
+            if root_layout(root) == "diffusers":
+                read_model_index(root)
+        except (FileNotFoundError, ValueError) as exc:
+            problems.append(f"{key}: {exc}")
+    if problems:
+        return problems
+    try:
+        _require_roots(sources, COMPONENTS)
+    except FileNotFoundError as exc:
+        return [str(exc)]  # part files take their configs from the roots
+    for component in COMPONENTS:
+        if sources.from_diffusers_folder(component):
+            continue  # from_pretrained checks its own folders
+        try:
+            check_component(sources, component)
+        except (WeightsError, OSError) as exc:
+            problems.append(str(exc))
+    return problems
 
 
 def _require_model_index(root: Path) -> None:
@@ -215,57 +277,112 @@ def _check_index(name_or_path: str, index: dict[str, Any]) -> None:
         )
 
 
-def _needed_subfolders(experts: tuple[Expert, ...], text_encoder: bool, vae: bool) -> list[str]:
-    folders = ["scheduler", *(EXPERT_SUBFOLDERS[e] for e in experts)]
-    if text_encoder:
-        folders += ["tokenizer", "text_encoder"]
-    if vae:
-        folders.append("vae")
-    return folders
+_PART_ORDER = ("scheduler", "high_noise", "low_noise", "tokenizer", "text_encoder", "vae")
 
 
-def _require_subfolders(name_or_path: str, subfolders: list[str]) -> None:
-    # Only checkable for local folders; hub repos report missing files through diffusers.
-    if not _is_local(name_or_path):
+def _require_roots(sources: WanSources, components: Iterable[str]) -> None:
+    """Every folder or file the requested parts need from their roots, and their own files.
+
+    A diffusers root keeps the config of a part that has its own file, so it still needs that part's
+    subfolder; an official root does not. Hub repos report missing files through diffusers.
+    """
+    wanted = {*components, "scheduler", *(["tokenizer"] if "text_encoder" in components else [])}
+    for root in dict.fromkeys((sources.name_or_path, sources.extras_name_or_path)):
+        parts = [p for p in _PART_ORDER if p in wanted and sources.root(p) == root]
+        if parts:
+            _require_parts(sources, root, sources.root_key(parts[-1]), parts)
+    for component, path in sources.files.items():
+        if component in wanted and not path.exists():
+            raise FileNotFoundError(f"{FILE_KEYS[component]}: {path} does not exist")
+
+
+def _require_parts(sources: WanSources, root: str, key: str, parts: list[str]) -> None:
+    if not is_local(root):
         return
-    root = Path(name_or_path).expanduser()
-    missing = [s for s in subfolders if not (root / s).is_dir()]
+    path = Path(root)
+    if root_layout(root) == "official":
+        needed = [OFFICIAL_PATHS[p] for p in parts if p != "scheduler" and p not in sources.files]
+        missing = [n for n in needed if not (path / n).exists()]
+        if missing:
+            raise FileNotFoundError(
+                f"{key}: model folder {path} (the official Wan 2.2 release layout) lacks "
+                f"{', '.join(missing)}; give the missing parts their own files "
+                f"({', '.join(FILE_KEYS.values())}) or download them"
+            )
+        return
+    if not path.is_dir():
+        raise FileNotFoundError(f"{key}: model folder {path} does not exist")
+    missing = [DIFFUSERS_SUBFOLDERS[p] for p in parts if not (path / DIFFUSERS_SUBFOLDERS[p]).is_dir()]
     if missing:
         raise FileNotFoundError(
-            f"model folder {root} lacks {', '.join(f'{s}/' for s in missing)}; a Wan 2.2 I2V-A14B "
+            f"{key}: model folder {path} lacks {', '.join(f'{s}/' for s in missing)}; a Wan 2.2 I2V-A14B "
             "folder needs transformer/ (high noise), transformer_2/ (low noise), vae/, text_encoder/, "
             "tokenizer/ and scheduler/"
         )
 
 
-def _load_scheduler(name: str, index: dict[str, Any]) -> SchedulerMixin:
+def _load_scheduler(sources: WanSources, index: dict[str, Any]) -> SchedulerMixin:
+    root = sources.extras_name_or_path
+    if root_layout(root) == "official":
+        return UniPCMultistepScheduler(**SCHEDULER)
     # The class comes from model_index.json, as DiffusionPipeline.from_pretrained does it.
     library, class_name = index.get("scheduler", ("diffusers", "UniPCMultistepScheduler"))
     scheduler_cls: Any = getattr(diffusers, class_name, None) if library == "diffusers" else None
     if not (isinstance(scheduler_cls, type) and issubclass(scheduler_cls, SchedulerMixin)):
         raise ValueError(
-            f"model {name!r}: model_index.json names an unknown scheduler {library}.{class_name}"
+            f"model {root!r}: model_index.json names an unknown scheduler {library}.{class_name}"
         )
     # diffusers reads as Any to mypy (pyproject), so the issubclass check above narrows only to `type`.
-    return scheduler_cls.from_pretrained(name, subfolder="scheduler")  # type: ignore[attr-defined]
+    return scheduler_cls.from_pretrained(root, subfolder="scheduler")  # type: ignore[attr-defined]
+
+
+def _load_tokenizer(sources: WanSources) -> PreTrainedTokenizerBase:
+    root, subfolder = sources.location("tokenizer")
+    if root_layout(root) == "official":
+        return AutoTokenizer.from_pretrained(Path(root) / subfolder)
+    return AutoTokenizer.from_pretrained(root, subfolder=subfolder)
 
 
 def _load_expert(
-    name: str, expert: Expert, dtype: torch.dtype, device: str | torch.device, attention_backend: str
+    sources: WanSources,
+    expert: Expert,
+    dtype: torch.dtype,
+    device: str | torch.device,
+    attention_backend: str,
 ) -> WanTransformer3DModel:
-    model = WanTransformer3DModel.from_pretrained(
-        name, subfolder=EXPERT_SUBFOLDERS[expert], torch_dtype=dtype
-    )
+    if sources.from_diffusers_folder(expert):
+        model = WanTransformer3DModel.from_pretrained(
+            sources.name_or_path, subfolder=EXPERT_SUBFOLDERS[expert], torch_dtype=dtype
+        )
+    else:
+        weights = component_weights(sources, expert, dtype=dtype)
+        model = build_transformer(weights.config, weights.state, dtype, weights.where)  # type: ignore[arg-type]
     _set_attention_backend(model, attention_backend)
     return _frozen(model, device)
 
 
-def _load_text_encoder(name: str, dtype: torch.dtype, device: str | torch.device) -> UMT5EncoderModel:
-    return _frozen(UMT5EncoderModel.from_pretrained(name, subfolder="text_encoder", dtype=dtype), device)
+def _load_text_encoder(
+    sources: WanSources, dtype: torch.dtype, device: str | torch.device
+) -> UMT5EncoderModel:
+    if sources.from_diffusers_folder("text_encoder"):
+        model = UMT5EncoderModel.from_pretrained(
+            sources.extras_name_or_path, subfolder="text_encoder", dtype=dtype
+        )
+    else:
+        weights = component_weights(sources, "text_encoder", dtype=dtype)
+        model = build_text_encoder(weights.config, weights.state, dtype, weights.where)  # type: ignore[arg-type]
+    return _frozen(model, device)
 
 
-def _load_vae(name: str, dtype: torch.dtype, device: str | torch.device) -> AutoencoderKLWan:
-    return _frozen(AutoencoderKLWan.from_pretrained(name, subfolder="vae", torch_dtype=dtype), device)
+def _load_vae(sources: WanSources, dtype: torch.dtype, device: str | torch.device) -> AutoencoderKLWan:
+    if sources.from_diffusers_folder("vae"):
+        model = AutoencoderKLWan.from_pretrained(
+            sources.extras_name_or_path, subfolder="vae", torch_dtype=dtype
+        )
+    else:
+        weights = component_weights(sources, "vae", dtype=dtype)
+        model = build_vae(weights.config, weights.state, dtype, weights.where)  # type: ignore[arg-type]
+    return _frozen(model, device)
 
 
 def _set_attention_backend(model: WanTransformer3DModel, backend: str) -> None:
@@ -283,19 +400,6 @@ def _set_attention_backend(model: WanTransformer3DModel, backend: str) -> None:
 def _frozen(model: M, device: str | torch.device) -> M:
     model.requires_grad_(False)
     return model.to(device).eval()
-
-
-def _resolve_name(name_or_path: str | Path) -> str:
-    # Local folders become absolute paths (diffusers does not expand "~"); hub ids stay as given.
-    name = str(name_or_path)
-    return str(Path(name).expanduser().resolve()) if _is_local(name) else name
-
-
-def _is_local(name: str) -> bool:
-    # A hub id is exactly "owner/name" and not an existing path; anything else is a local folder.
-    if Path(name).expanduser().exists():
-        return True
-    return name.startswith(("/", ".", "~")) or name.count("/") != 1 or "\\" in name
 
 
 def _importable(module: str) -> bool:

@@ -7,6 +7,7 @@ read. Scale = alpha / rank everywhere: peft's per-layer `scaling`, and the `.alp
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from collections.abc import Iterator
@@ -19,9 +20,10 @@ from peft.tuners.lokr.layer import LoKrLayer
 from peft.tuners.lora.layer import Linear as PeftLoraLinear
 from peft.tuners.lora.layer import LoraLayer
 from peft.tuners.tuners_utils import BaseTunerLayer
+from safetensors import safe_open
 from safetensors.torch import load_file
 
-from wan_assets.core.config import NetworkConfig
+from wan_assets.core.config import NetworkConfig, NetworkKwargs
 from wan_assets.core.files import write_safetensors
 
 logger = logging.getLogger(__name__)
@@ -251,9 +253,29 @@ def _file_factor(layer: BaseTunerLayer, suffix: str, adapter_name: str) -> float
     1.0 when both are whole; peft always applies alpha / rank. So a whole-factor module carries its
     scale inside lokr_w1 in the file.
     """
-    if suffix != "lokr_w1" or any(adapter_name in getattr(layer, n) for n in _LOKR_FACTORED):
+    if suffix != "lokr_w1" or _scaled_by_alpha(layer, adapter_name):
         return 1.0
     return layer.scaling[adapter_name]
+
+
+def _scaled_by_alpha(layer: BaseTunerLayer, adapter_name: str) -> bool:
+    """Whether LoRA tools apply alpha / rank to this module (LoRA, or LoKr with a low-rank factor)."""
+    return isinstance(layer, LoraLayer) or any(adapter_name in getattr(layer, n) for n in _LOKR_FACTORED)
+
+
+def _module_alpha(layer: BaseTunerLayer, adapter_name: str, alpha: float) -> float:
+    # A whole-factor LoKr module is applied at scale 1 (its scale is in lokr_w1): its `.alpha` is the
+    # rank, as LyCORIS writes it, so alpha / rank says 1 to every reader.
+    return alpha if _scaled_by_alpha(layer, adapter_name) else float(layer.r[adapter_name])
+
+
+def exported_alpha(transformer: torch.nn.Module, adapter_name: str, alpha: float) -> float:
+    """The alpha a file of this adapter declares (`ss_network_alpha`): `alpha`, or for full-rank LoKr
+    (every module whole, scale baked into lokr_w1) the rank, so that alpha / rank = 1 as applied."""
+    layers = list(_layers(transformer, adapter_name).values())
+    if any(_scaled_by_alpha(layer, adapter_name) for layer in layers):
+        return alpha
+    return float(layers[0].r[adapter_name])
 
 
 # --- files -----------------------------------------------------------------------------------------
@@ -281,7 +303,9 @@ def lora_state_dict_comfy(
             file_weight = weight.detach().float() * _file_factor(layer, suffix, adapter_name)
             state[f"{module}.{suffix}"] = file_weight.to("cpu", dtype).clone()
         # fp32 whatever `dtype`: alpha like 0.3 would round in bf16 and shift the loaded scale.
-        state[f"{module}.alpha"] = torch.tensor(float(alpha), dtype=torch.float32)
+        state[f"{module}.alpha"] = torch.tensor(
+            _module_alpha(layer, adapter_name, alpha), dtype=torch.float32
+        )
     return state
 
 
@@ -352,7 +376,62 @@ def _check_keys(path: Path, state: dict[str, torch.Tensor], expected: set[str]) 
 
 
 def _file_alpha(path: Path, state: dict[str, torch.Tensor]) -> float:
-    alphas = {state[k].item() for k in state if k.endswith(".alpha")}
+    """The alpha of the modules scaled by alpha / rank; for full-rank LoKr (none is) the rank they all
+    carry, which loads at scale 1 with lokr_w1 as it is."""
+    modules = [k.removesuffix(".alpha") for k in state if k.endswith(".alpha")]
+    scaled = [m for m in modules if not {f"{m}.lokr_w1", f"{m}.lokr_w2"} <= state.keys()]
+    alphas = {state[f"{m}.alpha"].item() for m in scaled or modules}
     if len(alphas) != 1:
         raise ValueError(f"{path}: expected one alpha shared by all modules, found {sorted(alphas)}")
     return alphas.pop()
+
+
+# --- files from elsewhere (diffusers users) ------------------------------------------------------------
+
+
+def load_adapter_file(transformer: WanTransformer3DModel, path: Path, adapter_name: str = "default") -> float:
+    """Put an exported LoRA or LoKr file onto a diffusers `WanTransformer3DModel` (e.g. a
+    `WanImageToVideoPipeline`'s `transformer` / `transformer_2`); return the file's alpha.
+
+    diffusers' own `load_lora_weights` reads LoRA files but not LoKr; this reads both. The network
+    (type, rank, LoKr factor, modules) comes from the file's keys and `ss_*` metadata.
+    """
+    path = Path(path)
+    with safe_open(str(path), framework="pt") as handle:
+        keys, metadata = list(handle.keys()), handle.metadata() or {}
+    add_lora(transformer, network_of_file(path, keys, metadata), adapter_name, seed=0)
+    return load_lora_into(transformer, path, adapter_name)
+
+
+def network_of_file(path: Path, keys: list[str], metadata: dict[str, str]) -> NetworkConfig:
+    """The network config an exported file was trained with, as far as loading needs it."""
+    modules = sorted({k.rsplit(".", 1)[0] for k in keys if k.endswith(".alpha")})
+    lokr = any(".lokr_" in k for k in keys)
+    if not modules or not all(m.startswith(COMFY_PREFIX) for m in modules):
+        raise ValueError(
+            f"{path} is not a Wan LoRA / LoKr file in the ComfyUI layout (diffusion_model.* keys)"
+        )
+    rank = metadata.get("ss_network_dim")
+    args = json.loads(metadata.get("ss_network_args") or "{}")
+    if rank is None and lokr:
+        raise ValueError(f"{path}: a LoKr file needs its ss_network_dim metadata (the nominal rank) to load")
+    if rank is None:
+        with safe_open(str(path), framework="pt") as handle:
+            rank = str(handle.get_slice(f"{modules[0]}.lora_A.weight").get_shape()[0])
+    kwargs = NetworkKwargs(only_if_contains=[FILTER_PREFIX + _diffusers_module_name(m) for m in modules])
+    return NetworkConfig(
+        type="lokr" if lokr else "lora",
+        linear=int(rank),
+        lokr_factor=int(args.get("factor", -1)),
+        lokr_full_rank=str(args.get("full_matrix", "False")).lower() == "true",
+        network_kwargs=kwargs,
+    )
+
+
+def _diffusers_module_name(comfy: str) -> str:
+    """`diffusion_model.blocks.3.self_attn.q` -> `blocks.3.attn1.to_q` (inverse of comfy_module_name)."""
+    diffusers_of = {v: k for k, v in COMFY_NAMES.items()}
+    match = re.fullmatch(r"blocks\.(\d+)\.(.+)", comfy.removeprefix(COMFY_PREFIX))
+    if not match or match[2] not in diffusers_of:
+        raise ValueError(f"{comfy!r} is not an adapted Wan block linear")
+    return f"blocks.{match[1]}.{diffusers_of[match[2]]}"

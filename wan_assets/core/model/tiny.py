@@ -68,7 +68,7 @@ TINY_VAE: dict[str, Any] = {
     "base_dim": 8,
     "z_dim": 16,
     "dim_mult": [1, 2, 4, 4],
-    "num_res_blocks": 1,
+    "num_res_blocks": 2,
     "attn_scales": [],
     "temperal_downsample": [False, True, True],
 }
@@ -175,11 +175,16 @@ def tiny_tokenizer() -> T5Tokenizer:
     return tokenizer
 
 
+def tiny_words() -> list[str]:
+    """The embedded English words of the tiny tokenizers, in order, without repeats."""
+    return list(dict.fromkeys(_WORDS.split()))
+
+
 def _tiny_vocab() -> list[tuple[str, float]]:
     # Unigram picks the segmentation with the highest summed log-probability, so a whole word
     # (-6) always beats stem + suffix (-6 - 9), which beats spelling it out (-12 per character).
     pieces: dict[str, float] = {"<pad>": 0.0, "</s>": 0.0, "<unk>": 0.0, "▁": -4.0}
-    for word in dict.fromkeys(_WORDS.split()):
+    for word in tiny_words():
         pieces.setdefault(f"▁{word}", -6.0)
     for suffix in _SUFFIXES:
         pieces.setdefault(suffix, -9.0)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import gc
 import hashlib
 import logging
+import math
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -31,7 +32,8 @@ from wan_assets.core.errors import TrainingError
 from wan_assets.core.experts import timestep_window
 from wan_assets.core.files import write_json, write_text
 from wan_assets.core.model.loading import WanComponents, load_wan_model
-from wan_assets.core.model.lora import add_lora, save_lora, set_lora_scale
+from wan_assets.core.model.lora import add_lora, exported_alpha, save_lora, set_lora_scale
+from wan_assets.core.model.metadata import LoraFacts, lora_metadata
 from wan_assets.core.precision import DTYPES, autocast, dtype_problem
 from wan_assets.core.seeds import derive_seed
 from wan_assets.core.speed.options import apply_training_options
@@ -138,7 +140,7 @@ def build_parts(
             f"no latent cache at {index_file}; run `wan-assets cache` first (or materialize latent_cache)"
         )
     model = load_wan_model(
-        job.process.model.name_or_path,
+        job.process.model,
         dtype=compute_dtype,
         # A quantized expert is loaded in RAM and moves to the device block by block, quantized.
         device="cpu" if _offload(job) or job.process.model.quantize else device,
@@ -400,14 +402,21 @@ def save_checkpoint(parts: TrainParts, state: TrainState) -> list[Path]:
 
 
 def _lora_metadata(parts: TrainParts, expert: str, step: int) -> dict[str, str]:
-    return {
-        "step": str(step),
-        "expert": expert,
-        "base_model": parts.job.process.model.name_or_path,
-        "alpha": str(parts.scheduler.alpha(expert)),
-        "rank": str(parts.job.process.network.linear),
-        "config": dump_config(parts.job),
-    }
+    """modelspec / kohya metadata (model/metadata.py), with the config made public."""
+    alpha = parts.scheduler.alpha(expert)
+    low, high = timestep_window(expert, parts.model.boundary_timestep)
+    facts = LoraFacts(
+        expert=expert,
+        step=step,
+        alpha=exported_alpha(parts.model.expert(expert), expert, alpha),
+        trained_alpha=alpha,
+        timestep_range=(round(low), round(high)),
+        dataset_hash=parts.index_hash,
+        resolution=max(
+            math.isqrt(pixels) for d in parts.job.process.datasets for _, pixels in d.pixel_budgets
+        ),
+    )
+    return lora_metadata(parts.job, facts)
 
 
 def resume(

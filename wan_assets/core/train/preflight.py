@@ -34,20 +34,37 @@ def preflight(
         *_optimizer_problems(job),
         *_sample_problems(job),
         *_dataset_problems(job),
+        *captioner_problems(job),
     ]
 
 
 def model_problems(job: JobConfig, *, buildable_model: Path | None = None) -> list[str]:
-    """The model folder (or hub repo) is a whole Wan 2.2 I2V-A14B in the diffusers layout."""
-    from wan_assets.core.model.loading import check_model_layout
+    """Every part of the model can be loaded from where the config says: the roots (diffusers folder,
+    hub repo or official release folder) and each part's own file, by its keys and shapes."""
+    from wan_assets.core.model.loading import source_problems
 
-    name = job.process.model.name_or_path
-    if buildable_model is not None and Path(name) == buildable_model:
+    model = job.process.model
+    if buildable_model is not None and Path(model.name_or_path) == buildable_model:
+        return []
+    return source_problems(model)
+
+
+def caption_preflight(job: JobConfig, *, buildable_model: Path | None = None) -> list[str]:
+    """What `wan-assets caption` needs (no Wan model): clips in each dataset folder, a captioner."""
+    return [*_dataset_problems(job), *captioner_problems(job)]
+
+
+def captioner_problems(job: JobConfig) -> list[str]:
+    """The captioner folder holds a model it can run, when a dataset auto-captions."""
+    from wan_assets.core.data.captioner import check_captioner_folder
+
+    config = job.process.captioner
+    if config is None or not any(d.auto_caption for d in job.process.datasets):
         return []
     try:
-        check_model_layout(name)
+        check_captioner_folder(config.name_or_path)
     except (FileNotFoundError, ValueError) as exc:
-        return [f"model.name_or_path: {exc}"]
+        return [f"captioner.name_or_path: {exc}"]
     return []
 
 

@@ -15,7 +15,7 @@ import torch
 from diffusers import WanImageToVideoPipeline
 from PIL import Image
 
-from wan_assets.core.config import JobConfig, SampleConfig
+from wan_assets.core.config import JobConfig, ModelConfig, SampleConfig
 from wan_assets.core.data.cache import LatentIndex
 from wan_assets.core.data.captions import apply_trigger
 from wan_assets.core.data.video_io import read_frames, write_video
@@ -76,10 +76,10 @@ def sampling_pipeline(experts: dict[str, torch.nn.Module], extra: WanComponents)
     )
 
 
-def load_sampling_extras(model_path: str, trained: tuple[str, ...], dtype: torch.dtype) -> WanComponents:
+def load_sampling_extras(model: ModelConfig, trained: tuple[str, ...], dtype: torch.dtype) -> WanComponents:
     """VAE, text encoder and the untrained expert (if any), kept on the CPU between samples."""
     untrained = tuple(e for e in ("high_noise", "low_noise") if e not in trained)
-    return load_wan_model(model_path, dtype=dtype, device="cpu", load_experts=untrained)
+    return load_wan_model(model, dtype=dtype, device="cpu", load_experts=untrained)
 
 
 @contextmanager
@@ -149,9 +149,7 @@ class TrainingSampler:
         sample = self.job.process.sample
         assert sample is not None
         if self.extras is None:
-            self.extras = load_sampling_extras(
-                self.job.process.model.name_or_path, tuple(experts), self.dtype
-            )
+            self.extras = load_sampling_extras(self.job.process.model, tuple(experts), self.dtype)
         pipe = sampling_pipeline(experts, self.extras)
         pipe.set_progress_bar_config(disable=True)
         fallback = first_frame(self.index)
