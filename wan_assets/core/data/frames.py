@@ -174,8 +174,9 @@ def _auto_frame_count(timeline: Timeline, sampling: FrameSampling) -> WindowPlan
     """ai-toolkit's auto_frame_count: as many frames as the clip lasts at fps, 4k+1."""
     available = int(timeline.end_s * sampling.fps + 1e-6)
     if sampling.trim_auto_frame_count_tail:
-        count = max(0, available - 1) // VAE_TEMPORAL * VAE_TEMPORAL + 1
-        slots = _slots(timeline, sampling)[:count]
+        slots = _slots(timeline, sampling)  # from start_frame: never more than the clip still has
+        count = max(0, min(available, len(slots)) - 1) // VAE_TEMPORAL * VAE_TEMPORAL + 1
+        slots = slots[:count]
         return WindowPlan(
             (_window(f"auto00000-{count:03d}", tuple(int(i) for i in slots), timeline, sampling.fps),), ()
         )
