@@ -5,6 +5,7 @@ adds a rank-64 LoRA on the block linears, and in this one process times, on iden
 initial weights:
   reference  plain diffusers + peft: full gradient checkpointing, bf16 autocast, SDPA, torch AdamW
   speed      the production `train_step` with selective checkpointing + compiled blocks (bf16)
+  static     speed with static shapes: a compile per token count (the token dimension is dynamic in speed)
   eager      selective checkpointing without compile (what compile adds)
   memory     fp8 weight-only base (one e4m3 copy) + fp8 compute + activation offload + compile
   fp8        speed + fp8 compute for the frozen base linears (a transposed e4m3 copy per weight)
@@ -82,6 +83,8 @@ MODES = {
     "reference": None,
     "eager": {"train": {"gradient_checkpointing": "selective"}},  # no compile: what compile adds
     "speed": {"train": {"gradient_checkpointing": "selective", "compile": True}},
+    # speed compiled with static shapes (a graph per token count), as before the dynamic token dim
+    "static": {"train": {"gradient_checkpointing": "selective", "compile": True}},
     "memory": {
         "train": {
             "gradient_checkpointing": True,
@@ -95,7 +98,7 @@ MODES = {
 }
 # memory + the 8-bit AdamW a 24 GiB card usually trains with (torchao; moments in 8 bits).
 MODES["memory8bit"] = {**MODES["memory"], "train": {**MODES["memory"]["train"], "optimizer": "adamw8bit"}}
-PLANNED = ("speed", "fp8")  # selective + compile: the memory plan settles over the first 3 steps
+PLANNED = ("speed", "static", "fp8")  # selective + compile: the memory plan settles over the first 3 steps
 PEAK_BF16_FLOPS = {"H100": 989.4e12, "H200": 989.4e12}  # dense bf16 tensor-core peak (SXM datasheet)
 TEXT_TOKENS = 512
 RANK = 64
@@ -117,6 +120,7 @@ class Result:
     loss_diff: float | None = None
     grad_cos: float | None = None
     first_step_s: float | None = None
+    warmup_extra_s: float | None = None  # the warm-up steps' time beyond as many timed steps
     times: list[float] = field(default_factory=list)
     bound_s: float | None = None  # matmuls + attention at the measured kernel rates, nothing else
     profile: dict = field(default_factory=dict)
@@ -299,6 +303,7 @@ def run_size(mode: str, size: str, model, params, initial, job, args, ref: dict,
     gc.collect()
     torch.cuda.empty_cache()
     cap_gib = args.memory_cap if mode.startswith("memory") else 0
+    cap_gib = float(dict(item.split("=") for item in args.caps.split(",") if item).get(mode, cap_gib))
     with allocator_cap(cap_gib, device):
         return run_steps(mode, size, model, params, args, ref, log, result, step, cap_gib)
 
@@ -323,7 +328,7 @@ def run_steps(
     """Warm-up and timed steps of one (mode, size), then the optional profile and snapshot steps."""
     cap = f"run under a {cap_gib:g} GiB allocator cap" if cap_gib else ""
     result.note = cap
-    times, peaks, reserved, counts = [], [], [], []
+    times, peaks, reserved, counts, warm = [], [], [], [], []
     warmup = args.warmup if mode in PLANNED else min(args.warmup, 1)  # others: compile only
     for i in range(warmup + args.steps):
         torch.cuda.reset_peak_memory_stats()  # per step, as the training loop does
@@ -350,6 +355,8 @@ def run_steps(
                 cos = torch.nn.functional.cosine_similarity(grads, ref[size]["grads"], dim=0)
                 result.grad_cos = float(cos)
             del grads
+        if i < warmup:
+            warm.append(seconds)
         if i >= warmup:
             times.append(seconds)
             peaks.append(peak)
@@ -361,6 +368,7 @@ def run_steps(
         result.peak_live = snapshot_step(lambda: step(warmup + args.steps + 1), log)
     result.times = times
     result.s_per_step = statistics.median(times)
+    result.warmup_extra_s = round(sum(t - result.s_per_step for t in warm), 2)
     result.peak_gib = max(peaks)
     result.reserved_gib = max(reserved)
     result.mfu = 3 * forward_flops(result.tokens, args.layers) / result.s_per_step / peak_flops()
@@ -382,6 +390,7 @@ def setup_mode(mode: str, model, job, device: torch.device | None = None) -> str
         model.train()
         return "diffusers gradient checkpointing, peft defaults"
     torch._dynamo.reset()  # the previous mode's compiled graphs would only add guard checks
+    speed_options.DYNAMIC_TOKENS = mode != "static"
     applied = speed_options.apply_training_options(
         model, job.process.train, job.process.model, device or torch.device("cuda")
     )
@@ -816,6 +825,7 @@ def main() -> None:
         "--memory-snapshot", default="", help="modes: one more step per size, what is live at its peak"
     )
     parser.add_argument("--memory-cap", type=float, default=0, help="GiB: cap the allocator in memory modes")
+    parser.add_argument("--caps", default="", help="mode=GiB,...: cap the allocator in these modes")
     parser.add_argument("--deadline-at", type=float, default=0, help="unix time: start nothing after it")
     parser.add_argument("--out", default=os.environ.get("OUT", "bench_out"))
     args = parser.parse_args()
@@ -874,7 +884,10 @@ def main() -> None:
                 result = Result(size, tokens_of(size), mode, note=f"out of memory: {str(exc)[:120]}")
             result.bound_s = floors.get(size)
             results.append(result)
-            log(table([result]).splitlines()[-1] + f"   first step {result.first_step_s}s {result.note}")
+            log(
+                table([result]).splitlines()[-1]
+                + f"   first step {result.first_step_s}s, warm-up extra {result.warmup_extra_s}s {result.note}"
+            )
             (out / "train_step.json").write_text(
                 json.dumps(
                     {"env": env, "micro": micro_results, "results": [asdict(r) for r in results]}, indent=1

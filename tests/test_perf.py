@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from diffusers import WanTransformer3DModel
+from torch._dynamo.testing import CompileCounterWithBackend
 
 from wan_assets.core.config import ModelConfig, NetworkConfig, TrainConfig, parse_config
 from wan_assets.core.model.lora import FusedLoraLinear, add_lora, fuse_lora_linears
@@ -112,6 +113,38 @@ def test_compiled_blocks_match_eager(expert: WanTransformer3DModel, monkeypatch:
     torch._dynamo.reset()
     plain = run(expert, gradient_checkpointing=False)
     assert_same(run(expert, gradient_checkpointing="selective", compile=True), plain, exact=False)
+    torch._dynamo.reset()
+
+
+def test_one_compiled_graph_per_policy_serves_every_bucket_shape(
+    expert: WanTransformer3DModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The token dimension compiles dynamic: new bucket shapes (and sampling's) reuse the graphs of
+    the first; only each checkpoint policy and the no-grad forward get a graph of their own."""
+    counter = CompileCounterWithBackend("aot_eager")
+    monkeypatch.setattr(speed_options, "COMPILE_BACKEND", counter)
+    torch._dynamo.reset()
+    model = copy.deepcopy(expert)
+    speed_options.apply_training_options(
+        model, TrainConfig(gradient_checkpointing="selective", compile=True), MODEL, CPU
+    )
+    model.train()
+
+    def forward(frames: int, height: int, width: int) -> torch.Tensor:
+        batch = inputs()
+        batch["hidden_states"] = torch.randn(1, 36, frames, height, width)
+        return model(**batch, return_dict=False)[0]
+
+    for shape in [(3, 8, 8), (3, 8, 12), (5, 6, 10), (2, 12, 8)]:
+        forward(*shape).square().mean().backward()
+    assert counter.frame_count == 1, "four bucket shapes, one graph"
+    model.blocks[0].wan_policy = "matmuls"  # what the memory planner sets on a GPU
+    for shape in [(3, 8, 8), (4, 10, 6)]:
+        forward(*shape).square().mean().backward()
+    assert counter.frame_count == 2, "the second policy: one more graph for every shape"
+    with torch.no_grad():
+        forward(3, 6, 6), forward(5, 8, 10)
+    assert counter.frame_count == 3, "sampling: one no-grad graph for every shape"
     torch._dynamo.reset()
 
 
@@ -314,3 +347,52 @@ def test_memory_planner_measures_then_fills_memory_and_backs_off() -> None:
     assert step(2000, per_block=GIB) == 0, "another bucket is measured on its own"
     # 30 GiB of tokens: 30 - 5.2 - 30 - 10 - 5 leaves no room for twice the guessed 30 GiB block.
     assert [step(30000, per_block=GIB) for _ in range(3)] == [0, 0, 0]
+
+
+def test_memory_planner_scales_a_new_token_count_from_a_measured_one() -> None:
+    """A new token count starts from the measured one's figures per token (plus a tenth) instead of
+    two probe steps, then plans on its own measurements."""
+    blocks = [torch.nn.Module() for _ in range(40)]
+    state = {"allocated": 30 * GIB, "peak": 30 * GIB}
+    planner = MatmulPlanner(
+        blocks, CPU, guess_per_token=GIB // 1000, memory=lambda: (state["allocated"], state["peak"], 80 * GIB)
+    )
+
+    def step(tokens: int) -> int:
+        count = planner.before_forward(tokens)
+        kept = tokens * (10 * GIB + count * GIB) // 1000  # plain and per-block both grow with tokens
+        state["allocated"] += kept
+        planner.after_forward()
+        state["peak"] = state["allocated"] + 5 * GIB * tokens // 1000
+        state["allocated"] -= kept
+        planner.backward_finished()
+        return count
+
+    assert [step(1000) for _ in range(3)] == [0, 1, 29]
+    # Scaled: kept 22, per block 2.2, working 11 GiB: (80 - 5.2 - 30 - 22 - 11) / 2.2 -> 5 blocks.
+    assert step(2000) == 5
+    # Measured: kept 20 + 5 x 2 = 30 GiB, of it 5 x 2.2 per block -> plain 19, working 10:
+    # (80 - 5.2 - 30 - 19 - 10) / 2.2 -> 7 blocks.
+    assert step(2000) == 7
+    assert step(500) == 40, "a smaller count fits every block at once"
+
+
+def test_memory_planner_plans_within_a_capped_allocator(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under set_per_process_memory_fraction the capacity is the cap, not the card's free memory."""
+    cuda = torch.cuda
+    monkeypatch.setattr(cuda, "mem_get_info", lambda device=None: (100 * GIB, 140 * GIB))
+    monkeypatch.setattr(cuda, "memory_reserved", lambda device=None: 30 * GIB)
+    monkeypatch.setattr(cuda, "memory_allocated", lambda device=None: 28 * GIB)
+    monkeypatch.setattr(cuda, "max_memory_allocated", lambda device=None: 29 * GIB)
+    monkeypatch.setattr(cuda, "current_device", lambda: 0)
+    planner = MatmulPlanner([], torch.device("cuda"), guess_per_token=1)  # as the options pass it
+    fraction = {"value": 1.0}
+
+    def get_fraction(device) -> float:
+        assert isinstance(device, int), "torch refuses a device without an index here"
+        return fraction["value"]
+
+    monkeypatch.setattr(cuda, "get_per_process_memory_fraction", get_fraction)
+    assert planner.memory() == (28 * GIB, 29 * GIB, 130 * GIB), "free plus what the allocator holds"
+    fraction["value"] = 80 / 140
+    assert planner.memory() == (28 * GIB, 29 * GIB, 80 * GIB), "an 80 GiB cap on a 140 GiB card"

@@ -151,6 +151,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     # instead of caching fixed ones keeps fragmentation from pushing a near-full card (memory mode on
     # 24 GB) out of memory. A user's own setting wins.
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    # torch.compile's caches in the workdir rather than /tmp: a later run (or machine, with the
+    # workdir on shared storage) reuses the compiled graphs. Read when compile first looks.
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(workdir.compile_cache))
     dist = init_from_env()  # torchrun: one process per GPU
     options = {"resume_run": args.resume, "restart_on_new_data": args.restart_on_new_data, "dist": dist}
     try:

@@ -37,6 +37,12 @@ class Workdir:
         return self.root / "cache"
 
     @property
+    def compile_cache(self) -> Path:
+        """torch.compile's caches (inductor's graphs and kernels, Triton's binaries, dynamo's profiles),
+        kept across runs so a second run of a config skips the compile (bench/README.md, warm-up)."""
+        return self.root / "compile_cache"
+
+    @property
     def database(self) -> Path:
         return self.root / "metrics.duckdb"
 

@@ -16,8 +16,11 @@
   half (attention, feed-forward: block_parts.py) in pinned CPU memory (copied on a side stream) and
   recomputes the half from it in backward (offload.py).
 - `train.compile`: each block compiled on its own (regional: one graph reused by all 40 blocks),
-  static shapes, one compile per bucket shape (and per LoRA scale: an alpha phase change
-  recompiles once).
+  the token dimension dynamic: one graph per checkpoint policy and one for sampling's no-grad
+  forward serve every bucket shape (static shapes compiled again for each). Each expert gets its
+  own graphs (its adapter name is guarded), and an alpha phase change recompiles once (the LoRA
+  scale is a constant). The compiled artefacts persist in the workdir (cli.py), so a second run
+  reuses them.
 Options a device cannot run raise one ValueError naming the option and the device.
 """
 
@@ -43,7 +46,11 @@ from wan_assets.core.speed.offload import ActivationOffloader, offloaded_block
 
 logger = logging.getLogger(__name__)
 COMPILE_BACKEND = "inductor"  # tests use "aot_eager": the same graph capture, no code generation
-RECOMPILE_LIMIT = 64  # bucket shapes x alpha values (the LoRA scale is a compile-time constant)
+RECOMPILE_LIMIT = 64  # policies x grad modes x alpha values (the LoRA scale is a compile-time constant)
+# The token dimension compiles dynamic: one graph per checkpoint policy (and one for sampling's
+# no-grad forward) serves every bucket shape, instead of a compile per shape (bench/README.md,
+# warm-up). False: static shapes, a graph per token count (the benchmark compares the two).
+DYNAMIC_TOKENS = True
 
 
 @dataclass(frozen=True)
@@ -312,6 +319,28 @@ def _compile_blocks(transformer: WanTransformer3DModel, *, halves: bool) -> None
     dynamo.accumulated_recompile_limit = max(dynamo.accumulated_recompile_limit, 8 * RECOMPILE_LIMIT)
     for block in transformer.blocks:
         parts = block_parts.split(block) if halves else None
-        # Static shapes: buckets repeat, and a static graph per bucket beats one dynamic graph.
         for unit in parts or (block,):
-            unit.compile(backend=COMPILE_BACKEND, dynamic=False)
+            if DYNAMIC_TOKENS:
+                compiled = torch.compile(unit._call_impl, backend=COMPILE_BACKEND, dynamic=None)
+                # What nn.Module.compile sets, with the token dimension marked first (outside the graph).
+                unit._compiled_call_impl = functools.partial(_call_with_dynamic_tokens, compiled)
+            else:
+                unit.compile(backend=COMPILE_BACKEND, dynamic=False)
+
+
+def _call_with_dynamic_tokens(
+    compiled, hidden_states, encoder_hidden_states, temb, rotary_emb, *args, **kwargs
+):
+    """Mark the token dimension of a block's inputs dynamic, then call its compiled graph.
+
+    A block unit is called as (hidden [b, tokens, dim], text [b, 512, dim], temb [b, 6, dim] or
+    [b, tokens, 6, dim], rotary (cos, sin) [1, tokens, 1, head_dim]); only the token count differs
+    between buckets, so one graph per checkpoint policy serves every bucket and sampling's shape.
+    """
+    mark = torch._dynamo.maybe_mark_dynamic
+    mark(hidden_states, 1)
+    if temb.ndim == 4:
+        mark(temb, 1)
+    for freqs in rotary_emb if isinstance(rotary_emb, (tuple, list)) else (rotary_emb,):
+        mark(freqs, 1)
+    return compiled(hidden_states, encoder_hidden_states, temb, rotary_emb, *args, **kwargs)
