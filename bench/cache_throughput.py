@@ -5,6 +5,12 @@ VAE is busy, with decoding done inline (prefetch 0) and overlapped with encoding
   python bench/cache_throughput.py --real           # GPU: real-size Wan VAE (random weights, bf16)
                                                     # at 81x480x832 and 33x512x512
 
+  python bench/cache_throughput.py --long          # CPU or GPU: a 10 s and a 3 min 1080p clip (ffmpeg
+                                                    # testsrc2, 30 fps, a keyframe a second as phones
+                                                    # record), 33 frames spread over each: cache time
+                                                    # and frames decoded; goal: long within 1.5x of short
+  python bench/cache_throughput.py --long --size 640x360 --seconds 10,60 --gop 250
+
 Both runs of a size must produce the same cache: the script compares the index and every latent
 file's bytes. The text encoder stays the tiny one in every case (captions are encoded once per
 distinct text; the VAE is the cost). VAE busy = time inside ClipEncoder.encode_video (synchronized)
@@ -16,6 +22,8 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -67,6 +75,65 @@ def write_clips(folder: Path, count: int, frames: int, height: int, width: int) 
             video[f] = (noise + (127 * (1 + np.sin(6.28 * phase)))[..., None].astype(np.uint8) // 2) % 255
         write_video(folder / f"clip_{i:03d}.mp4", video, 16)
         (folder / f"clip_{i:03d}.txt").write_text(f"a textured test pattern number {i}")
+
+
+def write_long_clip(path: Path, seconds: int, size: str, gop: int) -> Path:
+    """A moving test pattern (ffmpeg's testsrc2) at 30 fps, H.264 with a keyframe every `gop` frames."""
+    if shutil.which("ffmpeg") is None:
+        raise SystemExit("--long needs the ffmpeg command line tool to make its footage")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    subprocess.run(
+        ["ffmpeg", "-v", "error", "-y", "-f", "lavfi", "-i", f"testsrc2=size={size}:rate=30:duration={seconds}",
+         "-c:v", "libx264", "-preset", "veryfast", "-g", str(gop), "-pix_fmt", "yuv420p", str(path)],
+        check=True,
+    )  # fmt: skip
+    path.with_suffix(".txt").write_text(f"a test pattern for {seconds} seconds")
+    return path
+
+
+def long_clip_cases(root: Path, model: Path, args: argparse.Namespace) -> None:
+    """Cache time and decode work of one clip per duration, same frames sampled from each. `rest s`
+    is the cache time outside the VAE: hashing, demuxing, decoding, resizing (what clip length costs)."""
+    rows = []
+    footage = Path(args.footage) if args.footage else root
+    for seconds in (int(s) for s in args.seconds.split(",")):
+        clips = footage / f"long_{seconds}s_{args.size}_g{args.gop}"
+        if not (clips / "clip.mp4").is_file():
+            write_long_clip(clips / "clip.mp4", seconds, args.size, args.gop)
+        for variants in (int(v) for v in args.variants.split(",")):
+            job = job_for(clips, model, root, 33, 4096, variants)
+            encoder = EncoderHandle(str(model))
+            encoder.get()
+            VAE_BUSY["seconds"] = 0.0
+            began = time.perf_counter()
+            report = cache_dataset(job, root / f"cache_long_{seconds}_{variants}", encoder, prefetch=0)
+            wall = time.perf_counter() - began
+            assert not report.failures, report.failures
+            rows.append(
+                {
+                    "clip": f"{seconds} s {args.size}",
+                    "variants": variants,
+                    "bytes": (clips / "clip.mp4").stat().st_size,
+                    "wall_s": wall,
+                    "rest_s": wall - VAE_BUSY["seconds"],
+                    "decoded": report.decode.frames_decoded,
+                    "seeks": report.decode.seeks,
+                }
+            )
+    print(
+        f"device: cpu | torch {torch.__version__} | 30 fps, keyframe every {args.gop} frames, 33 frames spread"
+    )
+    print(
+        f"{'clip':>20s} {'variants':>8s} {'MB':>7s} {'cache s':>8s} {'rest s':>7s} {'decoded':>8s} {'seeks':>6s} "
+        f"{'vs first':>8s}"
+    )
+    base = {}
+    for r in rows:
+        base.setdefault(r["variants"], r["wall_s"])
+        print(
+            f"{r['clip']:>20s} {r['variants']:8d} {r['bytes'] / 1e6:7.1f} {r['wall_s']:8.2f} {r['rest_s']:7.2f} "
+            f"{r['decoded']:8d} {r['seeks']:6d} {r['wall_s'] / base[r['variants']]:7.2f}x"
+        )
 
 
 def job_for(clips: Path, model: Path, work: Path, frames: int, pixels: int, variants: int):
@@ -132,9 +199,20 @@ def main() -> None:
     )
     parser.add_argument("--real", action="store_true", help="real-size VAE on the GPU")
     parser.add_argument("--clips", type=int, default=6, help="clips per size with --real")
+    parser.add_argument("--long", action="store_true", help="short vs long clip: cache time, frames decoded")
+    parser.add_argument("--size", default="1920x1080", help="frame size of the --long footage")
+    parser.add_argument("--seconds", default="10,180", help="clip durations of --long, comma-separated")
+    parser.add_argument(
+        "--gop", type=int, default=30, help="keyframe interval (frames) of the --long footage"
+    )
+    parser.add_argument("--variants", default="1,4", help="cache_variants to time with --long (4: jitter 1)")
+    parser.add_argument("--footage", help="keep / reuse the --long footage in this folder")
     args = parser.parse_args()
     root = Path(tempfile.mkdtemp())
     model = build_tiny_model(root / "model")
+    if args.long:
+        long_clip_cases(root, model, args)
+        return
     if args.real:
         cases = [("81x480x832", 81, 480, 832), ("33x512x512", 33, 512, 512)]
     else:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,8 @@ from wan_assets.core.data.buckets import (
     resize_plan,
 )
 from wan_assets.core.data.captions import CaptionError, apply_trigger, read_caption, require_caption
-from wan_assets.core.data.frames import FrameSampling, FrameSamplingError, plan_frames
+from wan_assets.core.data.frames import FrameSampling, FrameSamplingError, Window, jittered, plan_windows
+from wan_assets.core.data.video_io import Timeline
 
 
 def test_bucket_table_for_262144_pixels() -> None:
@@ -42,6 +44,8 @@ def test_clip_goes_to_least_lossy_bucket() -> None:
     assert choose_bucket(1920, 1080, 33, 262144) == Bucket(672, 384, 33)
     assert choose_bucket(1080, 1920, 33, 262144) == Bucket(384, 672, 33)
     assert choose_bucket(1440, 1080, 33, 262144) == Bucket(576, 432, 33)
+    # HDV: 1440x1080 stored at a pixel aspect of 4:3 is shown (and probed) as 1920x1080.
+    assert choose_bucket(round(1440 * 4 / 3), 1080, 33, 262144) == Bucket(672, 384, 33)
     assert choose_bucket(1000, 1000, 33, 262144) == Bucket(512, 512, 33)
     # The chosen bucket loses no more than any other.
     losses = [crop_loss(1280, 800, w, h) for w, h in bucket_sizes(262144)]
@@ -74,43 +78,119 @@ def test_resize_plan_covers_then_centre_crops() -> None:
 SHRINK = FrameSampling(num_frames=33, shrink_to_frames=True, fps=16)
 
 
+def one_window(num_source: int, source_fps: float, sampling: FrameSampling) -> Window:
+    (window,) = plan_windows(Timeline.constant(num_source, source_fps), sampling).windows
+    return window
+
+
 @pytest.mark.parametrize("num_source", [33, 34, 100, 500])
 def test_shrink_spreads_over_whole_clip(num_source: int) -> None:
-    plan = plan_frames(num_source, 30.0, SHRINK, seed_key="a", variant=0)
-    assert len(plan.indices) == 33 and plan.indices[0] == 0 and plan.indices[-1] == num_source - 1
-    assert list(plan.indices) == sorted(plan.indices)
+    window = one_window(num_source, 30.0, SHRINK)
+    assert len(window.indices) == 33 and window.indices[0] == 0 and window.indices[-1] == num_source - 1
+    # Constant frame rate: the seed's frame indices, so caches made before keep their keys.
+    assert window.indices == tuple(np.rint(np.linspace(0, num_source - 1, 33)).astype(int))
 
 
-def test_shrink_warns_when_motion_speeds_up() -> None:
-    assert plan_frames(40, 16.0, SHRINK, seed_key="a", variant=0).warning is None
-    slow = plan_frames(300, 30.0, SHRINK, seed_key="a", variant=0)
-    assert slow.speedup > 1.5 and "speeds motion up" in slow.warning
+def test_shrink_warns_when_motion_speeds_up_and_refuses_a_clip_shorter_than_asked() -> None:
+    assert one_window(40, 16.0, SHRINK).warning is None
+    fast = one_window(300, 30.0, SHRINK)
+    assert fast.speedup > 1.5 and "speeds motion up" in fast.warning
+    # Spreading 5 frames over 9 would repeat 4 of them ([0, 0, 1, 2, 2, 2, 3, 4, 4]): refused, with the fix.
+    short = FrameSampling(num_frames=9, shrink_to_frames=True, fps=16)
+    with pytest.raises(FrameSamplingError, match=r"clip too short: 5 frames.*4 would repeat.*num_frames: 5"):
+        plan_windows(Timeline.constant(5, 30.0), short)
 
 
 def test_fps_true_sampling_and_too_short_clip() -> None:
     sampling = FrameSampling(num_frames=9, shrink_to_frames=False, fps=15, start_frame=3)
-    plan = plan_frames(100, 30.0, sampling, seed_key="a", variant=0)
-    assert plan.indices == (3, 5, 7, 9, 11, 13, 15, 17, 19)
-    assert abs(plan.speedup - 17 / 18) < 1e-9  # real time: 17 frames at 30 fps shown as 9 at 15
+    window = one_window(100, 30.0, sampling)
+    assert window.indices == (3, 5, 7, 9, 11, 13, 15, 17, 19)
+    assert abs(window.speedup - 1) < 1e-9  # real time: 16 frames at 30 fps shown as 8 steps at 15
+    assert one_window(20, 30.0, sampling).indices[-1] == 19  # exactly long enough
     with pytest.raises(FrameSamplingError, match="clip too short: 10 frames"):
-        plan_frames(10, 30.0, sampling, seed_key="a", variant=0)
+        plan_windows(Timeline.constant(10, 30.0), sampling)
 
 
 @pytest.mark.parametrize("jitter", [1, 2, 5])
-def test_jitter_is_bounded_ordered_in_range_and_deterministic(jitter: int) -> None:
+def test_jitter_is_bounded_ordered_distinct_in_range_and_deterministic(jitter: int) -> None:
     sampling = FrameSampling(num_frames=17, shrink_to_frames=True, fps=16, jitter=jitter)
-    base = np.rint(np.linspace(0, 59, 17)).astype(int)
-    variants = [plan_frames(60, 30.0, sampling, seed_key="clip-sha", variant=v).indices for v in range(6)]
+    window = one_window(60, 30.0, sampling)
+    base = np.array(window.indices)
+    variants = [jittered(window, 60, jitter, seed_key="clip-sha", variant=v) for v in range(6)]
     for indices in variants:
-        assert len(indices) == 17 and (len(indices) - 1) % 4 == 0
-        assert all(0 <= i < 60 for i in indices) and list(indices) == sorted(indices)
-        # Clamping to keep order only ever moves an index towards its neighbour's, never past J.
+        assert len(indices) == 17 and all(0 <= i < 60 for i in indices)
+        # Strictly increasing: the clip has the frames, so no frame is shown twice.
+        assert all(b > a for a, b in itertools.pairwise(indices))
         assert np.abs(np.array(indices) - base).max() <= jitter
     assert len(set(variants)) > 1, "variants should differ"
-    again = [plan_frames(60, 30.0, sampling, seed_key="clip-sha", variant=v).indices for v in range(6)]
+    again = [jittered(window, 60, jitter, seed_key="clip-sha", variant=v) for v in range(6)]
     assert again == variants
-    other = plan_frames(60, 30.0, sampling, seed_key="other-sha", variant=0).indices
-    assert other != variants[0] or other != variants[1]
+    assert jittered(window, 60, jitter, seed_key="other-sha", variant=0) not in variants[:1]
+
+
+def test_jitter_never_repeats_a_frame_at_81_to_33() -> None:
+    """The case the seed got wrong: 81 source frames spread over 33 with jitter 1 repeated a frame in
+    most variants; with distinct frames available none may repeat."""
+    window = one_window(81, 16.0, FrameSampling(num_frames=33, shrink_to_frames=True, fps=16, jitter=1))
+    for variant in range(200):
+        indices = jittered(window, 81, 1, seed_key="sha", variant=variant)
+        assert len(set(indices)) == 33 and list(indices) == sorted(indices)
+
+
+def test_windows_per_mode_match_musubi_tuner() -> None:
+    """musubi-tuner's documented 40-frame example (docs/dataset_config.md, frame_extraction)."""
+    timeline = Timeline.constant(40, 16.0)
+
+    def starts(mode: str, **kw) -> list[str]:
+        sampling = FrameSampling(33, False, 16, extraction=mode, target_frames=(1, 13, 25), **kw)
+        return [w.name for w in plan_windows(timeline, sampling).windows]
+
+    assert starts("head") == ["head00000-001", "head00000-013", "head00000-025"]
+    chunk = starts("chunk")
+    assert len(chunk) == 40 + 3 + 1 and chunk[-4:] == [
+        "chunk00000-013",
+        "chunk00013-013",
+        "chunk00026-013",
+        "chunk00000-025",
+    ]
+    assert starts("slide", frame_stride=10) == [
+        *(f"slide{s:05d}-001" for s in (0, 10, 20, 30)),
+        *(f"slide{s:05d}-013" for s in (0, 10, 20)),
+        *(f"slide{s:05d}-025" for s in (0, 10)),
+    ]
+    assert starts("uniform", frame_sample=4) == [
+        *(f"uniform{s:05d}-001" for s in (0, 13, 26, 39)),
+        *(f"uniform{s:05d}-013" for s in (0, 9, 18, 27)),
+        *(f"uniform{s:05d}-025" for s in (0, 5, 10, 15)),
+    ]
+    assert starts("full", max_frames=45) == ["full00000-037"]  # 40 rounded down to 4k+1
+    assert starts("full", max_frames=20) == ["full00000-017"]
+    # Each window is a stretch of consecutive frames (the clip runs at the dataset fps here).
+    (window,) = plan_windows(timeline, FrameSampling(13, False, 16, extraction="head")).windows
+    assert window.indices == tuple(range(13))
+
+
+def test_windows_at_the_dataset_fps_and_lengths_that_do_not_fit() -> None:
+    # 3 s at 30 fps sampled at 16 fps: 48 slots, every other source frame or so.
+    timeline = Timeline.constant(90, 30.0)
+    plan = plan_windows(timeline, FrameSampling(17, False, 16, extraction="chunk", target_frames=(17, 49)))
+    assert [w.name for w in plan.windows] == ["chunk00000-017", "chunk00017-017"]
+    assert plan.windows[1].indices[0] == round(17 * 30 / 16)
+    assert all(abs(w.speedup - 1) < 0.1 for w in plan.windows)
+    assert "target_frames [49]" in plan.warnings[0]
+    with pytest.raises(FrameSamplingError, match="fewer than target_frames"):
+        plan_windows(timeline, FrameSampling(49, False, 16, extraction="head"))
+
+
+def test_auto_frame_count_takes_the_whole_clip_at_fps() -> None:
+    # ai-toolkit's arithmetic: 3 s at 16 fps = 48 frames; trimmed: (48 - 1) // 4 * 4 + 1 = 45 from
+    # the start at real speed; untrimmed: 48 // 4 * 4 + 1 = 49, spread over the whole clip.
+    timeline = Timeline.constant(90, 30.0)
+    (window,) = plan_windows(timeline, FrameSampling(9, True, 16, auto_frame_count=True)).windows
+    assert window.num_frames == 45 and window.indices[0] == 0 and abs(window.speedup - 1) < 0.05
+    spread = FrameSampling(9, True, 16, auto_frame_count=True, trim_auto_frame_count_tail=False)
+    (window,) = plan_windows(timeline, spread).windows
+    assert window.num_frames == 49 and window.indices[-1] == 89
 
 
 def test_captions(tmp_path: Path) -> None:

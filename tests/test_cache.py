@@ -15,6 +15,7 @@ from wan_assets.cli import main
 from wan_assets.core.config import parse_config
 from wan_assets.core.data.buckets import Bucket
 from wan_assets.core.data.cache import EncoderHandle, cache_dataset, load_index
+from wan_assets.core.data.index import sample_id
 from wan_assets.core.data.latents import ClipEncoder, frames_to_bucket, pad_text
 from wan_assets.core.data.synthetic import write_bad_inputs
 from wan_assets.core.model.loading import load_wan_model
@@ -65,9 +66,10 @@ def test_bad_clips_fail_alone_with_named_reasons(job, tmp_path: Path) -> None:
     assert set(index.clips) == set(report.index.clips)
     assert set(index.splits.values()) == {"train", "val"}
     record = next(iter(index.clips.values()))
-    assert len(record.variants) == 2 and record.variants[0].indices != record.variants[1].indices
-    tensors = index.load_variant(record.key, 0)
-    bucket = Bucket.from_key(record.bucket)
+    (sample,) = record.samples  # one window (shrink), one resolution (max_pixels_per_frame)
+    assert len(sample.variants) == 2 and sample.variants[0].indices != sample.variants[1].indices
+    tensors = index.load_variant(sample_id(record.key, sample.name), 0)
+    bucket = Bucket.from_key(sample.bucket)
     latent_shape = (16, (bucket.num_frames - 1) // 4 + 1, bucket.height // 8, bucket.width // 8)
     assert tuple(tensors["latents"].shape) == latent_shape
     assert tuple(tensors["condition"].shape) == (20, *latent_shape[1:])
@@ -95,7 +97,7 @@ def test_unchanged_inputs_encode_nothing_and_one_caption_reencodes_one_text(job,
     assert (third_handle.num_vae_calls, third_handle.num_text_calls) == (0, 1)
     diff = {k for k, r in third.index.clips.items() if r.data_version != first.index.clips[k].data_version}
     assert diff == {changed.key}
-    assert third.index.clips[changed.key].variants == changed.variants
+    assert third.index.clips[changed.key].samples == changed.samples
 
 
 def test_condition_latent_and_mask_equal_the_pipeline(tiny_model_dir: Path) -> None:
@@ -149,7 +151,7 @@ def test_cache_command_lists_failures_and_exits_1(
     assert "6 clip(s) failed" in err
     for kind in BAD:
         assert f"{kind}.mp4" in err or f"{kind}.txt" in err
-    assert "index:" in out and "(10 clips)" in out
+    assert "index:" in out and "(10 clips, 10 samples;" in out
     # The good clips are cached: removing the bad ones makes the same command succeed, encoding nothing new.
     shutil.rmtree(dataset / "bad")
     assert main(["cache", str(config), "--workdir", str(tmp_path)]) == 0

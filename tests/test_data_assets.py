@@ -154,6 +154,10 @@ def test_one_batch_fails_its_bad_clips_alone_and_materializes_the_rest(instance,
     assert (
         latents_mat.metadata["vae_calls"].value == 0 and latents_mat.metadata["text_encoder_calls"].value == 0
     )
+    assert latents_mat.metadata["frames_decoded"].value == 0
+    # The partition lists its samples: one window (9 frames at 12 fps) at one pixel budget.
+    (sample,) = latents_mat.metadata["samples"].value.records
+    assert sample.data["sample"] == "fps00000-009@4096px" and sample.data["frames"] == 9
     assert _latest(instance, key) == before
     assert not any(ENCODERS_LOADED in (e.message or "") for e in instance.all_logs(again.run_id))
 

@@ -305,8 +305,16 @@ def test_a_cache_run_that_loses_its_clips_keeps_the_index(
     result = train(job, cache)
     data = json.loads(result.files.data.read_text())
     num_train = sum(1 for split in smaller.index.splits.values() if split == "train")
-    assert data["num_clips"] == num_train and data["num_samples"] == 2 * num_train  # cache_variants: 2
-    assert f"training on {num_train} clips ({2 * num_train} cached samples" in capsys.readouterr().err
+    # One window at one pixel budget per clip, cache_variants: 2.
+    assert (data["num_clips"], data["num_samples"], data["num_cached_variants"]) == (
+        num_train,
+        num_train,
+        2 * num_train,
+    )
+    assert (
+        f"training on {num_train} clips ({num_train} samples, {2 * num_train} cached variants"
+        in capsys.readouterr().err
+    )
 
 
 # --- fault injection: kill a real trainer anywhere, resume, get the uninterrupted run -----------------

@@ -69,9 +69,14 @@ def cmd_cache(args: argparse.Namespace) -> int:
     )
     for row in report.index.table():
         print(
-            f"{row['bucket']:>14}  {row['split']:>5}  {row['clips']:>3} clips  {row['bytes'] / 1e6:8.2f} MB"
+            f"{row['bucket']:>14}  {row['split']:>5}  {row['clips']:>3} clips  {row['samples']:>4} samples  "
+            f"{row['bytes'] / 1e6:8.2f} MB"
         )
-    print(f"index: {workdir.cache / 'index' / (job.name + '.json')} ({len(report.index.clips)} clips)")
+    num_samples = sum(len(r.samples) for r in report.index.clips.values())
+    print(
+        f"index: {workdir.cache / 'index' / (job.name + '.json')} ({len(report.index.clips)} clips, "
+        f"{num_samples} samples; {report.decode.frames_decoded} frames decoded)"
+    )
     for path, warning in report.warnings.items():
         print(f"warning: {path}: {warning}", file=sys.stderr)
     if report.kept:

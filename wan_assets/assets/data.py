@@ -15,7 +15,7 @@ materialized. Re-running one clip is materializing its one partition.
 import hashlib
 from collections import deque
 from collections.abc import Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,19 +51,19 @@ from dagster._core.definitions.data_version import (
 from resources.project import WanProjectResource
 from wan_assets.automation import INDEX
 from wan_assets.core.config import JobConfig
+from wan_assets.core.data.buckets import Bucket
 from wan_assets.core.data.cache import (
     CLIP_ERRORS,
     PREFETCH_CLIPS,
     ClipCaption,
+    ClipFeed,
     ClipProbe,
     ClipRecord,
     ClipSource,
     EncoderHandle,
-    PreparedClip,
     build_index,
     caption_clips,
     finish_clip,
-    prepare_clip,
     probe_clip,
 )
 from wan_assets.core.files import write_json
@@ -97,6 +97,7 @@ class ClipOutcome:
     record: ClipRecord | None = None
     vae_calls: int = 0
     text_calls: int = 0
+    frames_decoded: int = 0
     failed_at: AssetKey | None = None
     reason: str = ""
 
@@ -106,31 +107,22 @@ def record_path(cache_dir: Path, job: JobConfig, partition_key: str) -> Path:
     return cache_dir / "records" / job.name / f"{partition_key}.json"
 
 
-def _prepare(
-    source: ClipSource,
-    caption: ClipCaption | Exception | None,
-    job: JobConfig,
-    encoder: EncoderHandle,
-    cache_dir: Path,
-    wanted: frozenset[AssetKey],
-) -> tuple[ClipOutcome, PreparedClip | None]:
-    """The CPU part of one clip (probe, its caption, decoded frames), safe in a worker thread."""
+def _without_latents(
+    source: ClipSource, caption: ClipCaption | Exception | None, wanted: frozenset[AssetKey]
+) -> ClipOutcome:
+    """A clip when its latents are not wanted (a subset run): probed, and its caption if wanted."""
     outcome = ClipOutcome(source)
-    stage = RAW_VIDEOS
     try:
         outcome.probe = probe_clip(source)
-        if wanted & {CAPTIONS, LATENTS}:
-            stage = CAPTIONS
-            if isinstance(caption, Exception):
-                raise caption
-            assert caption is not None, "captions are made for the batch before its clips"
-            outcome.caption, outcome.caption_info = caption.text, caption
-        if LATENTS in wanted:
-            stage = LATENTS
-            return outcome, prepare_clip(source, outcome.probe, caption.text, job, encoder, cache_dir)  # type: ignore[union-attr]
     except CLIP_ERRORS as exc:
-        outcome.failed_at, outcome.reason = stage, str(exc)
-    return outcome, None
+        outcome.failed_at, outcome.reason = RAW_VIDEOS, str(exc)
+        return outcome
+    if CAPTIONS in wanted and caption is not None:
+        if isinstance(caption, Exception):
+            outcome.failed_at, outcome.reason = CAPTIONS, str(caption)
+        else:
+            outcome.caption, outcome.caption_info = caption.text, caption
+    return outcome
 
 
 def process_clips(
@@ -142,32 +134,49 @@ def process_clips(
     wanted: frozenset[AssetKey],
     prefetch: int = PREFETCH_CLIPS,
 ) -> Iterator[ClipOutcome]:
-    """Each clip's outcome in order, as it finishes; `prefetch` clips are decoded ahead in threads
-    while the encoders (one handle for the whole batch) work on the current one. `captions`: the
-    batch's captions by clip (`caption_clips`), when captions or latents are wanted."""
+    """Each clip's outcome in order, as it finishes. As in `wan-assets cache` (`ClipFeed`),
+    `prefetch` clips are probed, planned and decoded ahead in threads, each variant handed over as
+    it is ready, while the encoders (one handle for the whole batch) work on the current one.
+    `captions`: the batch's captions by clip (`caption_clips`), when captions or latents are wanted."""
+    if LATENTS not in wanted:
+        for source in sources:
+            yield _without_latents(source, captions.get(source.key), wanted)
+        return
     queue = iter(sources)
     with ThreadPoolExecutor(max_workers=max(prefetch, 1), thread_name_prefix="decode") as pool:
-        pending: deque[Future] = deque()
+        pending: deque[ClipFeed] = deque()
 
         def submit_next() -> None:
             source = next(queue, None)
             if source is not None:
-                caption = captions.get(source.key)
-                pending.append(pool.submit(_prepare, source, caption, job, encoder, cache_dir, wanted))
+                pending.append(ClipFeed(source, captions[source.key], job, encoder, cache_dir, pool))
 
         for _ in range(max(prefetch, 1)):
             submit_next()
         while pending:
-            outcome, prepared = pending.popleft().result()
+            feed = pending.popleft()
             submit_next()
-            if prepared is not None:
-                vae, text = encoder.num_vae_calls, encoder.num_text_calls
-                try:
-                    outcome.record = finish_clip(prepared, encoder, cache_dir)
-                except CLIP_ERRORS as exc:
-                    outcome.failed_at, outcome.reason = LATENTS, str(exc)
-                outcome.vae_calls = encoder.num_vae_calls - vae
-                outcome.text_calls = encoder.num_text_calls - text
+            outcome = ClipOutcome(feed.source)
+            caption = captions[feed.source.key]
+            vae, text = encoder.num_vae_calls, encoder.num_text_calls
+            try:
+                outcome.record = finish_clip(feed.plan(), feed.videos(), encoder, cache_dir)
+            except CLIP_ERRORS as exc:
+                outcome.reason = str(exc)
+                if feed.probe is None:
+                    outcome.failed_at = RAW_VIDEOS
+                elif isinstance(caption, Exception):
+                    outcome.failed_at = CAPTIONS
+                else:
+                    outcome.failed_at = LATENTS
+            finally:
+                feed.close()
+            outcome.probe = feed.probe
+            if not isinstance(caption, Exception):
+                outcome.caption, outcome.caption_info = caption.text, caption
+            outcome.vae_calls = encoder.num_vae_calls - vae
+            outcome.text_calls = encoder.num_text_calls - text
+            outcome.frames_decoded = feed.stats.frames_decoded
             yield outcome
 
 
@@ -197,6 +206,7 @@ def raw_videos_metadata(probe: ClipProbe) -> dict:
         "width": probe.width,
         "height": probe.height,
         "codec": probe.codec,
+        "pixel_aspect": round(probe.pixel_aspect, 4),
     }
 
 
@@ -213,16 +223,32 @@ def captions_metadata(caption: str, info: ClipCaption | None = None) -> dict:
 
 
 def latents_metadata(outcome: ClipOutcome) -> dict:
+    """The clip's samples (windows x resolutions), each with its bucket, frames and variants."""
     record = outcome.record
     assert record is not None
+    samples = [
+        {
+            "sample": s.name,
+            "bucket": s.bucket,
+            "start_s": round(s.start_s, 3),
+            "frames": Bucket.from_key(s.bucket).num_frames,
+            "variants": len(s.variants),
+            "speedup": round(s.speedup, 3),
+        }
+        for s in record.samples
+    ]
     return {
-        "bucket": record.bucket,
-        "variants": len(record.variants),
-        "frame_indices": MetadataValue.json([list(v.indices) for v in record.variants]),
+        "samples": table_metadata(samples),
+        "num_samples": len(record.samples),
+        "bucket": ", ".join(sorted({s.bucket for s in record.samples})),
+        "frame_indices": MetadataValue.json(
+            {s.name: [list(v.indices) for v in s.variants] for s in record.samples}
+        ),
+        "frames_decoded": outcome.frames_decoded,
         "vae_calls": outcome.vae_calls,
         "text_encoder_calls": outcome.text_calls,
-        "speedup": round(record.speedup, 3),
-        "files": MetadataValue.json([v.file for v in record.variants] + [record.text_file]),
+        "files": MetadataValue.json([*sorted(set(record.variant_files)), record.text_file]),
+        **({"warning": record.warning} if record.warning else {}),
     }
 
 
@@ -295,8 +321,9 @@ def _events(outcome: ClipOutcome, wanted: frozenset[AssetKey]) -> Iterator[Asset
             group_name="data",
             code_version=CODE_VERSION,
             skippable=True,
-            description="VAE latents of the sampled frames (normalised), the I2V condition (mask + "
-            "first-frame latent) and UMT5 embeddings of the caption and the empty caption, in "
+            description="The clip's training samples (windows x resolutions, each in its bucket): VAE "
+            "latents of each sample's frames (normalised) per cached jitter variant, the I2V "
+            "condition (mask + first-frame latent) and UMT5 embeddings of the caption and the empty caption, in "
             "content-addressed safetensors. Unchanged inputs find their files and encode nothing; "
             "the data version stays the same.",
         ),
@@ -406,12 +433,16 @@ def latent_cache(context: AssetExecutionContext, project: WanProjectResource) ->
         )
     index = build_index(job, records, cache_dir)
     rows = index.table()
-    context.log.info(f"latent index of {len(records)} clips in {len(rows)} bucket/split groups")
+    num_samples = sum(len(r.samples) for r in records)
+    context.log.info(
+        f"latent index of {len(records)} clips, {num_samples} samples in {len(rows)} bucket/split groups"
+    )
     return Output(
         {"index": str(cache_dir / "index" / f"{job.name}.json"), "clips": len(records)},
         data_version=DataVersion(index.identity()),
         metadata={
             "clips": len(records),
+            "samples": num_samples,
             "train_clips": sum(1 for s in index.splits.values() if s == "train"),
             "val_clips": sum(1 for s in index.splits.values() if s == "val"),
             "buckets": table_metadata(rows),

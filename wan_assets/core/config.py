@@ -221,6 +221,7 @@ class DatasetConfig(_Model):
     caption_ext: str = ".txt"
     caption_dropout_rate: float = Field(default=0.05, ge=0, le=1)
     default_caption: str | None = None
+    # A list trains one copy of the dataset per resolution, as ai-toolkit does.
     resolution: list[int] = Field(default_factory=lambda: [512])
     max_pixels_per_frame: int | None = Field(default=None, gt=0)
     bucket_no_upscale: bool = True
@@ -230,6 +231,15 @@ class DatasetConfig(_Model):
     start_frame: int = Field(default=0, ge=0)
     temporal_jitter: int = Field(default=0, ge=0)
     cache_variants: int | None = Field(default=None, ge=1)
+    # Several windows per clip, as musubi-tuner's video datasets cut them (frames.py).
+    frame_extraction: Literal["head", "chunk", "slide", "uniform", "full"] | None = None
+    target_frames: list[int] | None = None
+    frame_stride: int = Field(default=1, ge=1)
+    frame_sample: int = Field(default=1, ge=1)
+    max_frames: int = Field(default=129, ge=1)
+    # ai-toolkit: the whole clip at `fps`, rounded down to 4k+1 frames.
+    auto_frame_count: bool = False
+    trim_auto_frame_count_tail: bool = True
     do_i2v: bool = True
     # Held out of this dataset's clips (each dataset keeps its own share).
     validation_split: float = Field(default=0.0, ge=0, lt=1)
@@ -245,21 +255,61 @@ class DatasetConfig(_Model):
     def _dotted(cls, ext: str) -> str:
         return ext if ext.startswith(".") else f".{ext}"
 
+    @field_validator("resolution", mode="before")
+    @classmethod
+    def _one_or_many(cls, value: Any) -> Any:
+        return [value] if isinstance(value, int) else value
+
+    @field_validator("resolution")
+    @classmethod
+    def _resolutions(cls, values: list[int]) -> list[int]:
+        if not values or min(values) < 16:
+            raise ValueError(f"resolution must list sizes of at least 16 pixels, got {values}")
+        return values
+
     @field_validator("num_frames")
     @classmethod
     def _four_k_plus_one(cls, n: int) -> int:
-        if n < 1 or (n - 1) % 4:
-            lower, upper = max(1, (n - 1) // 4 * 4 + 1), ((n - 1) // 4 + 1) * 4 + 1
-            raise ValueError(
-                f"num_frames must be 4k+1 (the Wan VAE compresses time 4x), got {n}; use {lower} or {upper}"
-            )
+        _check_frame_count("num_frames", n)
         return n
+
+    @field_validator("target_frames")
+    @classmethod
+    def _counts_four_k_plus_one(cls, counts: list[int] | None) -> list[int] | None:
+        if counts is not None:
+            if not counts:
+                raise ValueError("target_frames is empty; list frame counts (4k+1) or leave it out")
+            for n in counts:
+                _check_frame_count("target_frames", n)
+        return counts
 
     @model_validator(mode="after")
     def _i2v_only(self) -> DatasetConfig:
         if not self.do_i2v:
             raise ValueError("do_i2v: false is not supported; this project trains Wan 2.2 image-to-video")
         return self
+
+    @model_validator(mode="after")
+    def _one_way_to_cut(self) -> DatasetConfig:
+        explicit_shrink = "shrink_video_to_frames" in self.model_fields_set and self.shrink_video_to_frames
+        if self.frame_extraction and self.auto_frame_count:
+            raise ValueError(
+                "frame_extraction and auto_frame_count both choose the windows of a clip; keep one"
+            )
+        if self.frame_extraction and explicit_shrink:
+            raise ValueError(
+                f"frame_extraction: {self.frame_extraction} cuts windows at the dataset fps, "
+                "shrink_video_to_frames: true squeezes the whole clip into one; keep one of them"
+            )
+        return self
+
+    @property
+    def pixel_budgets(self) -> list[tuple[str, int]]:
+        """(label, pixels per frame) per copy of the dataset: `max_pixels_per_frame` alone when set,
+        else one per `resolution` entry (each squared)."""
+        if self.max_pixels_per_frame is not None:
+            return [(f"{self.max_pixels_per_frame}px", self.max_pixels_per_frame)]
+        return [(str(r), r * r) for r in sorted(set(self.resolution))]
 
     @model_validator(mode="after")
     def _one_fallback_caption(self) -> DatasetConfig:
@@ -279,6 +329,14 @@ class DatasetConfig(_Model):
         if self.cache_variants is not None:
             return self.cache_variants
         return 4 if self.temporal_jitter > 0 else 1
+
+
+def _check_frame_count(key: str, n: int) -> None:
+    if n < 1 or (n - 1) % 4:
+        lower, upper = max(1, (n - 1) // 4 * 4 + 1), ((n - 1) // 4 + 1) * 4 + 1
+        raise ValueError(
+            f"{key} must be 4k+1 (the Wan VAE compresses time 4x), got {n}; use {lower} or {upper}"
+        )
 
 
 # --- train / model ---------------------------------------------------------------------------------

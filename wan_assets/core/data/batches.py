@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from wan_assets.core.data.cache import LatentIndex
+from wan_assets.core.data.index import clip_of
 from wan_assets.core.data.latents import MAX_SEQUENCE_LENGTH, pad_text
 from wan_assets.core.seeds import derive_seed
 
@@ -23,7 +24,7 @@ from wan_assets.core.seeds import derive_seed
 @dataclass(frozen=True)
 class Batch:
     bucket: str
-    clip_keys: tuple[str, ...]
+    clip_keys: tuple[str, ...]  # sample ids (`<clip key>#<window>@<resolution>`, LatentIndex)
     epoch: int
     latents: torch.Tensor  # [B, 16, F', h, w] normalised VAE latents (x0)
     condition: torch.Tensor  # [B, 20, F', h, w] mask (4) + first-frame latent (16)
@@ -80,10 +81,10 @@ class BatchStream:
         return batches
 
     def _repeats(self, key: str) -> int:
-        return self.num_repeats[self.index.clips[key].dataset_index]
+        return self.num_repeats[self.index.clips[clip_of(key)].dataset_index]
 
     def _dropout(self, key: str) -> float:
-        return self.caption_dropout[self.index.clips[key].dataset_index]
+        return self.caption_dropout[self.index.clips[clip_of(key)].dataset_index]
 
     @property
     def batches_per_epoch(self) -> int:
@@ -94,9 +95,9 @@ class BatchStream:
         bucket, keys = self.epoch_plan(epoch)[position]
         latents, conditions, texts, dropped = [], [], [], []
         for slot, key in enumerate(keys):
-            # A clip repeated into the same batch draws per slot (slot 0 keeps the draws of old runs).
+            # A sample repeated into the same batch draws per slot (slot 0 keeps the draws of old runs).
             tag = (key,) if slot == 0 or key not in keys[:slot] else (key, slot)
-            variant = derive_seed(self.seed, "variant", epoch, *tag) % len(self.index.clips[key].variants)
+            variant = derive_seed(self.seed, "variant", epoch, *tag) % len(self.index.sample(key).variants)
             tensors = self.index.load_variant(key, variant)
             drop = random.Random(derive_seed(self.seed, "dropout", n, *tag)).random() < self._dropout(key)
             latents.append(tensors["latents"])

@@ -1,9 +1,10 @@
 """Aspect-ratio buckets (docs/architecture.md §4): the one place where bucket sizes and clip-to-bucket fit are defined.
 
 A bucket is a (width, height, num_frames) triple; clips in one bucket batch together. Sizes come from
-`max_pixels_per_frame` P (or `resolution` r, as P = r*r): for each aspect ratio a, W = floor(sqrt(P*a)),
+`max_pixels_per_frame` P (or each `resolution` r, as P = r*r, one copy of the dataset per r): for each aspect ratio a, W = floor(sqrt(P*a)),
 H = floor(sqrt(P/a)), each floored to a multiple of 16, shrunk until W*H <= P. A clip goes to the
-bucket that crops away the smallest share of it when scaled to cover the bucket, then centre-crops.
+bucket that crops away the smallest share of its displayed shape (pixel aspect ratio and rotation
+applied) when scaled to cover the bucket, then centre-crops.
 With `bucket_no_upscale` a clip smaller than its bucket gets the same aspect at the largest size it
 covers without enlargement (the seed README promises this; the seed code upscales).
 """
@@ -56,11 +57,6 @@ def bucket_sizes(max_pixels: int) -> list[tuple[int, int]]:
                 h -= MULTIPLE
         sizes.append((w, h))
     return sizes
-
-
-def pixel_budget(max_pixels_per_frame: int | None, resolution: list[int]) -> int:
-    """`max_pixels_per_frame` when set, else the largest `resolution` squared."""
-    return max_pixels_per_frame if max_pixels_per_frame is not None else max(resolution) ** 2
 
 
 def crop_loss(src_w: int, src_h: int, dst_w: int, dst_h: int) -> float:

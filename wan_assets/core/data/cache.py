@@ -9,19 +9,21 @@ from __future__ import annotations
 
 import hashlib
 import json
+import queue
 import re
+import threading
 from collections import deque
-from collections.abc import Callable, Iterable
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
 import torch
-from safetensors.torch import load_file
 
 from wan_assets.core.config import DatasetConfig, JobConfig, ModelConfig
-from wan_assets.core.data.buckets import Bucket, BucketError, choose_bucket, pixel_budget
+from wan_assets.core.data.buckets import Bucket, BucketError, choose_bucket
 from wan_assets.core.data.captioner import (
     CaptionerHandle,
     CaptionRequest,
@@ -34,13 +36,27 @@ from wan_assets.core.data.captions import (
     read_caption,
     require_caption,
 )
-from wan_assets.core.data.frames import FrameSampling, FrameSamplingError, plan_frames
+from wan_assets.core.data.frames import FrameSampling, FrameSamplingError, jittered, plan_windows
+from wan_assets.core.data.index import (
+    INDEX_VERSION,
+    ClipRecord,
+    LatentIndex,
+    SampleRecord,
+    VariantRecord,
+)
 from wan_assets.core.data.latents import ClipEncoder, component_identity, content_key, frames_to_bucket
-from wan_assets.core.data.video_io import CLIP_EXTENSIONS, VideoError, probe_video, read_frames
+from wan_assets.core.data.video_io import (
+    CLIP_EXTENSIONS,
+    DecodeStats,
+    Timeline,
+    VideoError,
+    iter_frames,
+    probe_video,
+    read_timeline,
+)
 from wan_assets.core.devices import pick_device
 from wan_assets.core.files import create_text, write_json, write_safetensors
 
-INDEX_VERSION = 1
 # Clips decoded ahead while the encoders work (each holds its bucketed frames in RAM).
 PREFETCH_CLIPS = 2
 # Errors that mean "this clip cannot be used" (its partition fails; the others go on).
@@ -63,46 +79,10 @@ class ClipProbe:
     fps: float
     num_frames: int
     duration_s: float
-    width: int
+    width: int  # displayed: pixel aspect ratio and rotation applied
     height: int
     codec: str
-
-
-@dataclass(frozen=True)
-class VariantRecord:
-    key: str
-    file: str  # relative to the cache folder
-    indices: tuple[int, ...]
-
-
-@dataclass(frozen=True)
-class ClipRecord:
-    """What the cache holds for one clip: the training index is built from these alone."""
-
-    key: str
-    path: str
-    sha256: str
-    caption: str
-    bucket: str
-    variants: tuple[VariantRecord, ...]
-    text_key: str
-    text_file: str
-    empty_text_file: str
-    speedup: float
-    warning: str | None = None
-    dataset_index: int = 0  # which of the job's datasets the clip is from (its dropout, repeats, split)
-
-    @property
-    def data_version(self) -> str:
-        return content_key(variants=[v.key for v in self.variants], text=self.text_key)
-
-    def to_json(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_json(cls, data: dict) -> ClipRecord:
-        variants = tuple(VariantRecord(v["key"], v["file"], tuple(v["indices"])) for v in data["variants"])
-        return cls(**{**data, "variants": variants})
+    pixel_aspect: float = 1.0
 
 
 # --- discovery and probing --------------------------------------------------------------------------
@@ -150,6 +130,7 @@ def probe_clip(source: ClipSource) -> ClipProbe:
         width=probe.width,
         height=probe.height,
         codec=probe.codec,
+        pixel_aspect=probe.pixel_aspect,
     )
 
 
@@ -309,98 +290,161 @@ class EncoderHandle:
         return self._identity
 
 
-def bucket_for(probe: ClipProbe, dataset: DatasetConfig) -> Bucket:
-    budget = pixel_budget(dataset.max_pixels_per_frame, dataset.resolution)
-    return choose_bucket(
-        probe.width, probe.height, dataset.num_frames, budget, no_upscale=dataset.bucket_no_upscale
-    )
-
-
 def sampling_for(dataset: DatasetConfig) -> FrameSampling:
     return FrameSampling(
         num_frames=dataset.num_frames,
-        shrink_to_frames=dataset.shrink_video_to_frames,
+        shrink_to_frames=dataset.shrink_video_to_frames and dataset.frame_extraction is None,
         fps=dataset.fps,
         start_frame=dataset.start_frame,
         jitter=dataset.temporal_jitter,
+        target_frames=tuple(dataset.target_frames or ()),
+        extraction=dataset.frame_extraction,
+        frame_stride=dataset.frame_stride,
+        frame_sample=dataset.frame_sample,
+        max_frames=dataset.max_frames,
+        auto_frame_count=dataset.auto_frame_count,
+        trim_auto_frame_count_tail=dataset.trim_auto_frame_count_tail,
     )
 
 
 @dataclass(frozen=True)
-class PreparedClip:
-    """A clip's CPU work done: where each variant goes, and the bucketed frames still to encode."""
+class ClipPlan:
+    """A clip's samples decided (windows x resolutions, each with its bucket and variants) before
+    any frame is decoded; `todo` are the variants whose latent files are not cached yet."""
 
     source: ClipSource
     probe: ClipProbe
     caption: str
-    bucket: Bucket
-    variants: tuple[VariantRecord, ...]
-    videos: dict[str, torch.Tensor]  # variant key -> [3, F, H, W] in [-1, 1], for uncached files only
+    timeline: Timeline
+    samples: tuple[SampleRecord, ...]
+    todo: tuple[tuple[VariantRecord, Bucket], ...]
     warning: str | None
-    speedup: float
 
 
-def prepare_clip(
+def plan_clip(
     source: ClipSource,
     probe: ClipProbe,
     caption: str,
     job: JobConfig,
     encoder: EncoderHandle,
     cache_dir: Path,
-) -> PreparedClip:
-    """Bucket, frame plans and decoded, bucketed frames of the variants not cached yet (CPU only,
-    safe in a worker thread: it never touches the models)."""
+) -> ClipPlan:
+    """Windows from the clip's timeline, a bucket per window and resolution from its displayed shape,
+    the jitter variants and their content keys (CPU only, safe in a worker thread)."""
     dataset = job.process.datasets[source.dataset_index]
     caption = require_caption(caption, source.path, dataset.caption_ext)
+    timeline = read_timeline(source.path)
     try:
-        bucket = bucket_for(probe, dataset)
-        plans = [
-            plan_frames(probe.num_frames, probe.fps, sampling_for(dataset), seed_key=probe.sha256, variant=v)
-            for v in range(dataset.num_cache_variants)
-        ]
+        windows = plan_windows(timeline, sampling_for(dataset))
+        buckets = {
+            (window.name, label): choose_bucket(
+                probe.width, probe.height, window.num_frames, pixels, no_upscale=dataset.bucket_no_upscale
+            )
+            for window in windows.windows
+            for label, pixels in dataset.pixel_budgets
+        }
     except (BucketError, FrameSamplingError) as exc:
         raise type(exc)(f"{source.path}: {exc}") from None
     identity = encoder.identity()
-    variants, videos, warning, speedup = [], {}, None, 1.0
-    for plan in plans:
-        warning, speedup = warning or plan.warning, plan.speedup
-        key = content_key(
-            clip=probe.sha256,
-            indices=plan.indices,
-            bucket=bucket.key,
-            vae=identity["vae"],
-            dtype=identity["vae_dtype"],
-        )
-        rel = f"latents/{key[:2]}/{key}.safetensors"
-        if not (cache_dir / rel).is_file() and key not in videos:
-            videos[key] = frames_to_bucket(read_frames(source.path, plan.indices), bucket)
-        variants.append(VariantRecord(key, rel, plan.indices))
-    return PreparedClip(source, probe, caption, bucket, tuple(variants), videos, warning, speedup)
+    # Anamorphic frames are stretched to their displayed shape: that shape is part of the bytes.
+    shape = {} if probe.pixel_aspect == 1.0 else {"display": f"{probe.width}x{probe.height}"}
+    samples, todo, queued = [], [], set()
+    for window in windows.windows:
+        indices = [
+            jittered(window, timeline.num_frames, dataset.temporal_jitter, seed_key=probe.sha256, variant=v)
+            for v in range(dataset.num_cache_variants)
+        ]
+        for label, _ in dataset.pixel_budgets:
+            bucket = buckets[(window.name, label)]
+            variants = []
+            for chosen in indices:
+                key = content_key(
+                    clip=probe.sha256,
+                    indices=chosen,
+                    bucket=bucket.key,
+                    vae=identity["vae"],
+                    dtype=identity["vae_dtype"],
+                    **shape,
+                )
+                variant = VariantRecord(key, f"latents/{key[:2]}/{key}.safetensors", chosen)
+                variants.append(variant)
+                if key not in queued and not (cache_dir / variant.file).is_file():
+                    queued.add(key)
+                    todo.append((variant, bucket))
+            samples.append(
+                SampleRecord(
+                    name=f"{window.name}@{label}",
+                    window=window.name,
+                    resolution=label,
+                    bucket=bucket.key,
+                    start_s=round(window.start_s, 3),
+                    speedup=round(window.speedup, 3),
+                    variants=tuple(variants),
+                )
+            )
+    notes = [*windows.warnings, *dict.fromkeys(w.warning for w in windows.windows if w.warning)]
+    warning = "; ".join(n for n in notes if n) or None
+    return ClipPlan(source, probe, caption, timeline, tuple(samples), tuple(todo), warning)
 
 
-def finish_clip(prepared: PreparedClip, encoder: EncoderHandle, cache_dir: Path) -> ClipRecord:
-    """The encoders' part: VAE latents of the decoded variants, text embeddings; the clip's record."""
-    source, bucket = prepared.source, prepared.bucket
-    for variant in prepared.variants:
-        video = prepared.videos.get(variant.key)
-        if video is not None and not (cache_dir / variant.file).is_file():
-            tensors = encoder.get().encode_video(video)
-            write_safetensors(cache_dir / variant.file, tensors, {"clip": source.key, "bucket": bucket.key})
-    text_key, text_rel = ensure_text(prepared.caption, encoder, cache_dir)
+def bucketed_videos(plan: ClipPlan, stats: DecodeStats | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """(variant key, [3, F, H, W] in [-1, 1]) for every variant still to encode, decoding the frames
+    they need in one pass over the clip (seeking past the stretches none needs). A frame is
+    resized once per bucket and kept only until the last variant that needs it is out."""
+    if not plan.todo:
+        return
+    display = (plan.probe.width, plan.probe.height) if plan.probe.pixel_aspect != 1.0 else None
+    # (last frame, first frame, variant, bucket), in the order their last frames decode.
+    pending = sorted(
+        ((max(v.indices), min(v.indices), v, b) for v, b in plan.todo),
+        key=lambda item: (item[0], item[2].key),
+    )
+    needed = {i for _, _, variant, _ in pending for i in variant.indices}
+    resized: dict[tuple[int, str], torch.Tensor] = {}
+    frames: dict[int, np.ndarray] = {}
+    for index, frame_hwc in iter_frames(plan.source.path, needed, plan.timeline, stats):
+        frames[index] = frame_hwc
+        while pending and pending[0][0] <= index:
+            _, _, variant, bucket = pending.pop(0)
+            parts = []
+            for i in variant.indices:
+                if (i, bucket.key) not in resized:
+                    resized[(i, bucket.key)] = frames_to_bucket(frames[i][None], bucket, display)
+                parts.append(resized[(i, bucket.key)])
+            yield variant.key, torch.cat(parts, dim=1)
+        if pending:
+            # Frames before every pending variant's first frame are not needed again.
+            first = min(item[1] for item in pending)
+            for i in [i for i in frames if i < first]:
+                del frames[i]
+            for k in [k for k in resized if k[0] < first]:
+                del resized[k]
+    assert not pending, "iter_frames yields every needed index"
+
+
+def finish_clip(
+    plan: ClipPlan, videos: Iterable[tuple[str, torch.Tensor]], encoder: EncoderHandle, cache_dir: Path
+) -> ClipRecord:
+    """The encoders' part: VAE latents of each decoded variant as it comes, text embeddings; the
+    clip's record."""
+    files = {variant.key: (variant.file, bucket) for variant, bucket in plan.todo}
+    for key, video in videos:
+        file, bucket = files[key]
+        tensors = encoder.get().encode_video(video)
+        write_safetensors(cache_dir / file, tensors, {"clip": plan.source.key, "bucket": bucket.key})
+    text_key, text_rel = ensure_text(plan.caption, encoder, cache_dir)
     _, empty_rel = ensure_text("", encoder, cache_dir)
     return ClipRecord(
-        key=source.key,
-        path=str(source.path),
-        sha256=prepared.probe.sha256,
-        caption=prepared.caption,
-        bucket=bucket.key,
-        variants=prepared.variants,
+        key=plan.source.key,
+        path=str(plan.source.path),
+        sha256=plan.probe.sha256,
+        caption=plan.caption,
+        samples=plan.samples,
         text_key=text_key,
         text_file=text_rel,
         empty_text_file=empty_rel,
-        speedup=round(prepared.speedup, 3),
-        warning=prepared.warning,
-        dataset_index=source.dataset_index,
+        warning=plan.warning,
+        dataset_index=plan.source.dataset_index,
     )
 
 
@@ -411,9 +455,11 @@ def encode_clip(
     job: JobConfig,
     encoder: EncoderHandle,
     cache_dir: Path,
+    stats: DecodeStats | None = None,
 ) -> ClipRecord:
     """Encode what is not cached yet for one clip; return its record."""
-    return finish_clip(prepare_clip(source, probe, caption, job, encoder, cache_dir), encoder, cache_dir)
+    plan = plan_clip(source, probe, caption, job, encoder, cache_dir)
+    return finish_clip(plan, bucketed_videos(plan, stats), encoder, cache_dir)
 
 
 def ensure_text(caption: str, encoder: EncoderHandle, cache_dir: Path) -> tuple[str, str]:
@@ -427,62 +473,7 @@ def ensure_text(caption: str, encoder: EncoderHandle, cache_dir: Path) -> tuple[
     return key, rel
 
 
-# --- the index that training reads ------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class LatentIndex:
-    job: str
-    cache_dir: Path
-    clips: dict[str, ClipRecord]
-    splits: dict[str, str]  # clip key -> "train" | "val"
-
-    def buckets(self, split: str = "train") -> dict[str, list[str]]:
-        out: dict[str, list[str]] = {}
-        for key, record in sorted(self.clips.items()):
-            if self.splits[key] == split:
-                out.setdefault(record.bucket, []).append(key)
-        return out
-
-    def load_variant(self, clip_key: str, variant: int) -> dict[str, torch.Tensor]:
-        record = self.clips[clip_key]
-        chosen = record.variants[variant % len(record.variants)]
-        return load_file(str(self.cache_dir / chosen.file))
-
-    def load_text(self, clip_key: str, *, empty: bool = False) -> torch.Tensor:
-        record = self.clips[clip_key]
-        return load_file(str(self.cache_dir / (record.empty_text_file if empty else record.text_file)))[
-            "text_embeds"
-        ]
-
-    def identity(self) -> str:
-        """The one identity of what training on this index sees: each clip's content key (its latent
-        variants, which address the clip's bytes, frame indices, bucket and VAE, and its caption's
-        text embedding) and its split. Paths, warnings and the index file's layout do not count.
-        It is `latent_cache`'s Dagster data version and the `index_hash` a checkpoint resumes on.
-        """
-        clips = {key: record.data_version for key, record in self.clips.items()}
-        return content_key(**{**clips, "splits": self.splits})
-
-    def to_json(self) -> dict:
-        return {
-            "version": INDEX_VERSION,
-            "job": self.job,
-            "clips": {k: {**r.to_json(), "split": self.splits[k]} for k, r in sorted(self.clips.items())},
-        }
-
-    def table(self) -> list[dict]:
-        """One row per (bucket, split): clips, frames, bytes; for metadata and the CLI."""
-        rows: dict[tuple[str, str], dict] = {}
-        for key, record in self.clips.items():
-            split = self.splits[key]
-            row = rows.setdefault(
-                (record.bucket, split), {"bucket": record.bucket, "split": split, "clips": 0, "bytes": 0}
-            )
-            row["clips"] += 1
-            row["frames"] = Bucket.from_key(record.bucket).num_frames
-            row["bytes"] += sum((self.cache_dir / v.file).stat().st_size for v in record.variants)
-        return [rows[k] for k in sorted(rows)]
+# --- the index file -------------------------------------------------------------------------------
 
 
 def index_path(cache_dir: Path, job: JobConfig) -> Path:
@@ -543,7 +534,7 @@ def previous_records(path: Path) -> dict[str, ClipRecord]:
 
 
 def _files_present(record: ClipRecord, cache_dir: Path) -> bool:
-    files = [v.file for v in record.variants] + [record.text_file, record.empty_text_file]
+    files = [*record.variant_files, record.text_file, record.empty_text_file]
     return all((cache_dir / f).is_file() for f in files)
 
 
@@ -557,6 +548,7 @@ class CacheReport:
     warnings: dict[str, str]
     # Clip paths among `failures` that stay in the index with their last good latents.
     kept: list[str] = field(default_factory=list)
+    decode: DecodeStats = field(default_factory=DecodeStats)
 
 
 def cache_dataset(
@@ -575,12 +567,14 @@ def cache_dataset(
     file being replaced) keeps its entry from the previous index while its files are there, and is
     reported in `failures` and `kept`. Only a clip no longer in the dataset folders leaves it.
 
-    While the encoders work on one clip, `prefetch` worker threads probe, read and bucket the next
-    clips' frames (PyAV and torch release the GIL there), so decoding stays off the critical path.
+    While the encoders work on one clip, `prefetch` worker threads probe, plan, decode and bucket
+    the next clips' frames (PyAV and torch release the GIL there), handing each variant over as it
+    is ready, so decoding stays off the critical path and a long clip never sits in memory whole.
     Clips are encoded and reported in the same order as without prefetching: same files, same index.
     Captions come first (`caption_clips`), so a captioner loads once and is freed before encoding.
     """
     records, failures, warnings, kept = [], {}, {}, []
+    decode = DecodeStats()
     previous = previous_records(index_path(cache_dir, job))
     sources = discover_clips(job)
     captioner = captioner or captioner_for(job)
@@ -589,44 +583,118 @@ def cache_dataset(
         captioner.release()
     clips = iter(progress(sources))
     with ThreadPoolExecutor(max_workers=max(prefetch, 1), thread_name_prefix="decode") as pool:
-        pending: deque[tuple[ClipSource, Future]] = deque()
+        pending: deque[ClipFeed] = deque()
 
         def submit_next() -> None:
             source = next(clips, None)
             if source is not None:
                 caption = captions[source.key]
-                pending.append((source, pool.submit(_prepare, source, caption, job, encoder, cache_dir)))
+                pending.append(
+                    ClipFeed(source, caption, job, encoder, cache_dir, pool if prefetch > 0 else None)
+                )
 
         for _ in range(max(prefetch, 1)):
             submit_next()
         while pending:
-            source, future = pending.popleft()
+            feed = pending.popleft()
             if prefetch > 0:
                 submit_next()
             try:
-                record = finish_clip(future.result(), encoder, cache_dir)
+                record = finish_clip(feed.plan(), feed.videos(), encoder, cache_dir)
             except CLIP_ERRORS as exc:
-                failures[str(source.path)] = str(exc)
-                if source.key in previous:
-                    records.append(previous[source.key])
-                    kept.append(str(source.path))
+                failures[str(feed.source.path)] = str(exc)
+                if feed.source.key in previous:
+                    records.append(previous[feed.source.key])
+                    kept.append(str(feed.source.path))
             else:
                 records.append(record)
                 if record.warning:
-                    warnings[str(source.path)] = record.warning
+                    warnings[str(feed.source.path)] = record.warning
+            finally:
+                feed.close()
+            decode.frames_decoded += feed.stats.frames_decoded
+            decode.seeks += feed.stats.seeks
             if prefetch == 0:
                 submit_next()
-    return CacheReport(build_index(job, records, cache_dir), failures, warnings, kept)
+    return CacheReport(build_index(job, records, cache_dir), failures, warnings, kept, decode)
 
 
-def _prepare(
-    source: ClipSource,
-    caption: ClipCaption | Exception,
-    job: JobConfig,
-    encoder: EncoderHandle,
-    cache_dir: Path,
-) -> PreparedClip:
-    probe = probe_clip(source)
-    if isinstance(caption, Exception):
-        raise caption
-    return prepare_clip(source, probe, caption.text, job, encoder, cache_dir)
+_END = object()
+_HANDOFF_DEPTH = 2  # bucketed variants a worker may have ready ahead of the encoders
+
+
+class ClipFeed:
+    """One clip's plan, then its bucketed videos one by one: produced in a worker thread and handed
+    over a bounded queue (`pool`), or inline without one."""
+
+    def __init__(
+        self,
+        source: ClipSource,
+        caption: ClipCaption | Exception,
+        job: JobConfig,
+        encoder: EncoderHandle,
+        cache_dir: Path,
+        pool: ThreadPoolExecutor | None,
+    ) -> None:
+        self.source = source
+        self.stats = DecodeStats()
+        self.probe: ClipProbe | None = None  # set once probed (a clip failing later was still read)
+        self._args = (caption, job, encoder, cache_dir)
+        self._queue: queue.Queue = queue.Queue(maxsize=_HANDOFF_DEPTH)
+        self._stop = threading.Event()
+        self._plan: ClipPlan | None = None
+        self._future = pool.submit(self._produce) if pool is not None else None
+
+    def plan(self) -> ClipPlan:
+        if self._future is None:
+            self._plan = self._make_plan()
+            return self._plan
+        return self._take()
+
+    def videos(self) -> Iterator[tuple[str, torch.Tensor]]:
+        if self._future is None:
+            assert self._plan is not None, "plan() first"
+            yield from bucketed_videos(self._plan, self.stats)
+            return
+        while (item := self._take()) is not _END:
+            yield item
+
+    def close(self) -> None:
+        """Stop the worker (the encoders gave up on this clip) and wait for it."""
+        self._stop.set()
+        if self._future is not None:
+            self._future.result()
+
+    def _make_plan(self) -> ClipPlan:
+        caption, job, encoder, cache_dir = self._args
+        self.probe = probe_clip(self.source)
+        if isinstance(caption, Exception):
+            raise caption
+        return plan_clip(self.source, self.probe, caption.text, job, encoder, cache_dir)
+
+    def _take(self):
+        item = self._queue.get()
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def _produce(self) -> None:
+        try:
+            plan = self._make_plan()
+            if not self._put(plan):
+                return
+            for item in bucketed_videos(plan, self.stats):
+                if not self._put(item):
+                    return
+            self._put(_END)
+        except BaseException as exc:  # handed to the encoding thread, which raises it for this clip
+            self._put(exc)
+
+    def _put(self, item: object) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False

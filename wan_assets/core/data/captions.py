@@ -27,7 +27,8 @@ def read_caption(
     path = caption_path(clip, caption_ext)
     if path.is_file():
         try:
-            text = path.read_text(encoding="utf-8")
+            # utf-8-sig: Windows editors start UTF-8 files with a byte-order mark; it is not caption text.
+            text = path.read_text(encoding="utf-8-sig")
         except UnicodeDecodeError as exc:
             raise CaptionError(f"{path}: caption is not UTF-8 ({exc.reason} at byte {exc.start})") from None
     elif generated is not None:

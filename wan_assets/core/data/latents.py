@@ -29,10 +29,15 @@ MAX_SEQUENCE_LENGTH = 512  # UMT5 tokens, as the pipeline encodes prompts
 VAE_TEMPORAL = 4
 
 
-def frames_to_bucket(frames_fhwc: np.ndarray, bucket: Bucket) -> torch.Tensor:
-    """uint8 F x H x W x 3 -> float [3, F, bucket.height, bucket.width] in [-1, 1]: cover, centre-crop."""
+def frames_to_bucket(
+    frames_fhwc: np.ndarray, bucket: Bucket, display: tuple[int, int] | None = None
+) -> torch.Tensor:
+    """uint8 F x H x W x 3 -> float [3, F, bucket.height, bucket.width] in [-1, 1]: scaled to cover
+    the bucket, centre-cropped. `display` (width, height) is the shape the frames are shown at when
+    their pixels are not square (anamorphic footage); one resize takes them there and to the bucket."""
     _, src_h, src_w, _ = frames_fhwc.shape
-    scaled_w, scaled_h, left, top = resize_plan(src_w, src_h, bucket)
+    shown_w, shown_h = display or (src_w, src_h)
+    scaled_w, scaled_h, left, top = resize_plan(shown_w, shown_h, bucket)
     video_fchw = torch.from_numpy(np.ascontiguousarray(frames_fhwc)).permute(0, 3, 1, 2).float()
     if (scaled_w, scaled_h) != (src_w, src_h):
         video_fchw = F.interpolate(video_fchw, size=(scaled_h, scaled_w), mode="bilinear", antialias=True)

@@ -48,7 +48,7 @@ def validation_loss(
     dtype: torch.dtype = torch.float32,
     split: str = "val",
 ) -> ValidationResult:
-    keys = sorted(k for k, s in index.splits.items() if s == split)
+    keys = list(index.samples(split))  # every window and resolution of the held-out clips
     if not keys:
         raise ValueError(f"latent index of {index.job!r} has no {split} clips; set validation_split > 0")
     was_training = model.training

@@ -25,8 +25,8 @@ import torch
 
 from wan_assets.core.config import JobConfig, dump_config, offloads_inactive_expert
 from wan_assets.core.data.batches import Batch, BatchStream
-from wan_assets.core.data.buckets import pixel_budget
 from wan_assets.core.data.cache import index_path, load_index
+from wan_assets.core.data.index import clip_of
 from wan_assets.core.devices import pick_device
 from wan_assets.core.errors import TrainingError
 from wan_assets.core.experts import timestep_window
@@ -426,7 +426,7 @@ def _lora_metadata(parts: TrainParts, expert: str, step: int) -> dict[str, str]:
         timestep_range=(round(low), round(high)),
         dataset_hash=parts.index_hash,
         resolution=max(
-            math.isqrt(pixel_budget(d.max_pixels_per_frame, d.resolution)) for d in parts.job.process.datasets
+            math.isqrt(pixels) for d in parts.job.process.datasets for _, pixels in d.pixel_budgets
         ),
     )
     return lora_metadata(parts.job, facts)
@@ -644,18 +644,20 @@ def _record_data(parts: TrainParts, cache_dir: Path) -> str:
     """Write what the run trains on to `data.json` (read into the metrics database's `runs`); the
     line to log: a cache run that lost clips must not go unnoticed."""
     stream = parts.stream
-    clips = [key for keys in stream.buckets.values() for key in keys]
+    samples = [sid for sids in stream.buckets.values() for sid in sids]
     data: dict[str, Any] = {
         "index": str(index_path(cache_dir, parts.job)),
         "index_hash": parts.index_hash,
-        "num_clips": len(clips),
-        "num_samples": sum(len(stream.index.clips[key].variants) for key in clips),
+        "num_clips": len({clip_of(sid) for sid in samples}),
+        "num_samples": len(samples),  # windows x resolutions
+        "num_cached_variants": sum(len(stream.index.sample(sid).variants) for sid in samples),
         "num_val_clips": sum(1 for split in stream.index.splits.values() if split == "val"),
         "buckets": {bucket: len(keys) for bucket, keys in sorted(stream.buckets.items())},
     }
     write_json(parts.files.data, data)
     return (
-        f"training on {data['num_clips']} clips ({data['num_samples']} cached samples, "
+        f"training on {data['num_clips']} clips ({data['num_samples']} samples, "
+        f"{data['num_cached_variants']} cached variants, "
         f"{len(data['buckets'])} buckets; {data['num_val_clips']} held out) from {data['index']}"
     )
 
