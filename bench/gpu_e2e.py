@@ -177,7 +177,10 @@ def check_run(run_dir: Path, name: str, lines: list[dict], steps: int, resumed_a
         if not (run_dir / f"{name}_{expert}.safetensors").is_file():
             problems.append(f"no final {expert} LoRA")
     samples = sorted(p.name for p in (run_dir / "samples").glob("*.mp4"))
-    wanted = [f"{step:09d}_0.mp4" for step in range(6, steps + 1, 6)] + [f"{steps:09d}_0.mp4"]
+    # The base model before the first step (ai-toolkit's default; the resumed run does not repeat
+    # it), every sample_every steps, and the end.
+    sampled = [0, *range(6, steps + 1, 6), steps]
+    wanted = [f"{step:09d}_0.mp4" for step in sampled]
     if sorted(set(wanted)) != samples:
         problems.append(f"samples {samples}, expected {sorted(set(wanted))}")
     return problems

@@ -216,15 +216,16 @@ def test_repeats_and_caption_dropout_are_per_dataset(
     tiny_cache: Path, tmp_path: Path, tiny_model_dir: Path
 ) -> None:
     from wan_assets.core.data.batches import BatchStream
+    from wan_assets.core.data.index import clip_of
 
     index = _two_datasets(
         tiny_cache, tmp_path, tiny_model_dir, {"validation_split": 0.0}, {"validation_split": 0.0}
     )
     stream = BatchStream(index, batch_size=1, seed=3, caption_dropout=[0.0, 1.0], num_repeats=[1, 3])
-    seen = [key for _, keys in stream.epoch_plan(0) for key in keys]
+    seen = [clip_of(sid) for _, sids in stream.epoch_plan(0) for sid in sids]
     for key, record in index.clips.items():
         assert seen.count(key) == (3 if record.dataset_index == 1 else 1), key
     for n in range(stream.batches_per_epoch):
         batch = stream.batch(n)
         for key, dropped in zip(batch.clip_keys, batch.dropped, strict=True):
-            assert dropped == (index.clips[key].dataset_index == 1)  # rate 1.0 vs 0.0, never pooled
+            assert dropped == (index.clips[clip_of(key)].dataset_index == 1)  # rate 1.0 vs 0.0, never pooled

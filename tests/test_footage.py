@@ -205,7 +205,7 @@ def test_windows_and_resolutions_are_samples_decoded_once(tmp_path: Path, tiny_j
     # One pass over frames 0..20 (the last window ends there) for all 10 samples.
     assert report.decode.frames_decoded == 21
     assert encoder.num_vae_calls == 10 * 2  # latents + first-frame condition per sample
-    stream = BatchStream(report.index, batch_size=1, seed=0, caption_dropout=0.0)
+    stream = BatchStream(report.index, batch_size=1, seed=0, caption_dropout=[0.0])
     assert stream.batches_per_epoch == 10
     seen = {stream.batch(n).clip_keys[0] for n in range(10)}
     assert seen == {f"long.mp4#{s.name}" for s in record.samples}  # every sample once an epoch

@@ -78,7 +78,9 @@ def test_bf16_run_with_samples_writes_samples_and_final_loras(
     result = train(job, tiny_cache / "cache")
 
     run_dir = result.files.root
-    assert [p.name for p in result.samples] == ["000000003_0.mp4", "000000006_0.mp4"]
+    # The base model before the first step (ai-toolkit samples it unless skip_first_sample), then
+    # every sample_every steps and at the end.
+    assert [p.name for p in result.samples] == ["000000000_0.mp4", "000000003_0.mp4", "000000006_0.mp4"]
     sample = job.process.sample
     for path in result.samples:
         info = probe_video(path)
@@ -107,7 +109,7 @@ def test_sampling_leaves_the_training_state_as_it_was(
     ).job
     a = train(plain, tiny_cache / "cache")
     b = train(sampled, tiny_cache / "cache")
-    assert len(b.samples) == 4 and not a.samples
+    assert [p.name for p in b.samples] == [f"00000000{n}_0.mp4" for n in (0, 2, 4, 6, 8)] and not a.samples
     assert losses(b.files.root) == losses(a.files.root)
     ours, theirs = loras(b.files.root), loras(a.files.root)
     assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
@@ -123,8 +125,8 @@ def test_resumed_run_with_samples_reproduces_the_uninterrupted_one(
     ).job
     cut = parse_config(run_raw(clips_dir, tiny_model_dir, tmp_path / "cut", **common), workdir=tiny_cache).job
     reference = train(whole, tiny_cache / "cache")
-    first = train(cut, tiny_cache / "cache", stop_after=5)  # checkpoint at 3, samples at 4
-    assert not first.final_loras and [p.name for p in first.samples] == ["000000004_0.mp4"]
+    first = train(cut, tiny_cache / "cache", stop_after=5)  # checkpoint at 3, samples at 0 and 4
+    assert not first.final_loras and [p.name for p in first.samples] == ["000000000_0.mp4", "000000004_0.mp4"]
     second = train(cut, tiny_cache / "cache", resume_run=True)  # back to step 3
     assert [p.name for p in second.samples] == ["000000004_0.mp4", "000000008_0.mp4", "000000009_0.mp4"]
     assert losses(second.files.root) == losses(reference.files.root)

@@ -219,14 +219,7 @@ KEYS: tuple[AitkKey, ...] = (
     *_rows("datasets[]", ANY, "a faster image size probe", "fast_image_size"),
     *_rows("datasets[]", ("targeted",), "guidance training", "guidance_type"),
     *_rows("datasets[]", _OFF, "audio", "do_audio", "audio_preserve_pitch", "audio_normalize"),
-    # Frame windows per clip belong to the data layer (docs/architecture.md §4, frame_extraction).
-    *_rows("datasets[]", _OFF, "a frame count per clip", "auto_frame_count", fix="set num_frames (4k+1)"),
-    *_rows(
-        "datasets[]",
-        ANY,
-        "the auto frame count's tail trim (used only with auto_frame_count)",
-        "trim_auto_frame_count_tail",
-    ),
+    # auto_frame_count and trim_auto_frame_count_tail are dataset fields (frame windows, §4).
     # --- train -----------------------------------------------------------------------------------------
     *_rows("train", (True,), "freezing the transformer", "train_unet"),
     *_rows("train", ANY, "text caching: embeddings are always cached per caption", "cache_text_embeddings"),
