@@ -127,15 +127,33 @@ def build_tiny_model(out_dir: Path, seed: int = 0, sizes: dict[str, dict[str, An
     The folder appears atomically (built beside it, then renamed), so a crash never leaves a half
     model; an existing folder is replaced only if it is an earlier tiny build.
     """
-    out_dir = Path(out_dir)
-    _check_replaceable(out_dir)
+
+    def write(staging: Path) -> None:
+        tiny_pipeline(seed, sizes).save_pretrained(staging)
+        _check_model_index(staging)
+
+    marker = {"seed": seed, "note": "embedded tiny Wan 2.2 I2V-A14B-shaped model (random weights)"}
+    return write_tiny_folder(Path(out_dir), "tiny model", MARKER_FILE, marker, write)
+
+
+def write_tiny_folder(
+    out_dir: Path, what: str, marker_file: str, marker: dict[str, Any], write: Callable[[Path], None]
+) -> Path:
+    """`write` fills a folder built beside `out_dir`, which then appears atomically (renamed), so a
+    crash never leaves half a model; an existing folder is replaced only if it holds `marker_file`
+    (an earlier build of the same kind)."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise FileExistsError(f"cannot build the {what} at {out_dir}: it is a file, not a folder")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / marker_file).is_file():
+        raise FileExistsError(
+            f"cannot build the {what} at {out_dir}: the folder is not empty and is not an earlier "
+            f"{what} build; choose another folder or empty it"
+        )
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
-        tiny_pipeline(seed, sizes).save_pretrained(staging)
-        _check_model_index(staging)
-        marker = {"seed": seed, "note": "embedded tiny Wan 2.2 I2V-A14B-shaped model (random weights)"}
-        (staging / MARKER_FILE).write_text(json.dumps(marker, indent=2) + "\n")
+        write(staging)
+        (staging / marker_file).write_text(json.dumps(marker, indent=2) + "\n")
         if out_dir.exists():
             shutil.rmtree(out_dir)
         staging.rename(out_dir)
@@ -204,16 +222,6 @@ def _seeded(seed: int, component: str, build: Callable[[], M]) -> M:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed * len(_SEED_OFFSETS) + _SEED_OFFSETS[component])
         return build()
-
-
-def _check_replaceable(out_dir: Path) -> None:
-    if out_dir.exists() and not out_dir.is_dir():
-        raise FileExistsError(f"cannot build the tiny model at {out_dir}: it is a file, not a folder")
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / MARKER_FILE).is_file():
-        raise FileExistsError(
-            f"cannot build the tiny model at {out_dir}: the folder is not empty and is not an earlier "
-            "tiny model build; choose another folder or empty it"
-        )
 
 
 def _check_model_index(model_dir: Path) -> None:

@@ -9,8 +9,6 @@ captions it writes are gibberish made of English words and bytes.
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +18,7 @@ from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Q
 from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-from wan_assets.core.model.tiny import tiny_words
+from wan_assets.core.model.tiny import tiny_words, write_tiny_folder
 
 MARKER_FILE = "wan_assets_tiny_captioner.json"
 
@@ -87,31 +85,16 @@ def build_tiny_captioner(out_dir: Path, seed: int = 0) -> Path:
     The folder appears atomically (built beside it, then renamed); an existing folder is replaced
     only if it is an earlier tiny captioner build.
     """
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise FileExistsError(f"cannot build the tiny captioner at {out_dir}: it is a file, not a folder")
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / MARKER_FILE).is_file():
-        raise FileExistsError(
-            f"cannot build the tiny captioner at {out_dir}: the folder is not empty and is not an earlier "
-            "tiny captioner build; choose another folder or empty it"
-        )
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+
+    def write(staging: Path) -> None:
         tokenizer = tiny_qwen_tokenizer()
         tiny_captioner_model(tokenizer, seed).save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         # The real folder's image processor settings (Qwen2.5-VL-7B-Instruct's preprocessor_config).
         Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=28 * 28 * 1280).save_pretrained(staging)
-        marker = {"seed": seed, "note": "embedded tiny Qwen2.5-VL-shaped captioner (random weights)"}
-        (staging / MARKER_FILE).write_text(json.dumps(marker, indent=2) + "\n")
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        staging.rename(out_dir)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging)
-    return out_dir
+
+    marker = {"seed": seed, "note": "embedded tiny Qwen2.5-VL-shaped captioner (random weights)"}
+    return write_tiny_folder(Path(out_dir), "tiny captioner", MARKER_FILE, marker, write)
 
 
 def tiny_captioner_model(tokenizer: Qwen2Tokenizer, seed: int = 0) -> Qwen2_5_VLForConditionalGeneration:
