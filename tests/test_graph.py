@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -14,7 +15,6 @@ from dagster import (
     DagsterEventType,
     DagsterInstance,
     EventRecordsFilter,
-    instance_for_test,
     materialize,
 )
 from PIL import Image
@@ -23,29 +23,45 @@ from resources.project import WanProjectResource
 from wan_assets.assets.training import evaluated_checkpoints
 from wan_assets.core.metrics.report import query
 from wan_assets.definitions import ASSETS, resources
-from wan_assets.demo import demo_job, materialize_batch, sync_partitions
+from wan_assets.core.data.synthetic import write_bad_inputs
+from wan_assets.core.workdir import Workdir
 
 from .conftest import CONFIGS, REPO
 
 
 @pytest.fixture(scope="module")
 def graph(tmp_path_factory: pytest.TempPathFactory, clips_dir: Path, tiny_model_dir: Path):
-    """One materialization of every asset, shared by the tests of this module."""
+    """`wan-assets demo` (what `make demo` runs), with one corrupt clip among the sample clips; its
+    instance, project and console output are shared by the tests of this module."""
     workdir = tmp_path_factory.mktemp("graph")
     shutil.copytree(clips_dir, workdir / "clips")
     shutil.copytree(tiny_model_dir, workdir / "models" / "wan22-i2v-tiny")
+    bad = write_bad_inputs(tmp_path_factory.mktemp("bad"))["corrupt"]
+    shutil.copy(bad, workdir / "clips" / "broken.mp4")
+    shutil.copy(bad.with_suffix(".txt"), workdir / "clips" / "broken.txt")
+    env = {**os.environ, "DAGSTER_HOME": "", "WAN_ASSETS_HOME": ""}
+    demo = subprocess.run(
+        [sys.executable, "-m", "wan_assets.cli", "demo", "--workdir", str(workdir)],
+        capture_output=True, text=True, env=env, cwd=REPO, timeout=900,
+    )
     project = WanProjectResource(config_path=str(CONFIGS / "tiny_cpu.yaml"), workdir=str(workdir))
     all_resources = {**resources(), "project": project}
-    with instance_for_test() as instance:
-        per_clip = [a for a in ASSETS if a.partitions_def is not None]
-        job = demo_job(ASSETS, all_resources)
-        for keys in sync_partitions(instance, project):  # the sensor's batches
-            run, failed = materialize_batch(job, keys, instance)
-            assert run.success and not failed, failed
-        rest = [a for a in ASSETS if a.partitions_def is None]
-        result = materialize([*per_clip, *rest], selection=rest, resources=all_resources, instance=instance)
-        assert result.success
-        yield instance, project, all_resources, result
+    with DagsterInstance.from_config(str(Workdir.open(workdir).dagster_home)) as instance:
+        yield instance, project, all_resources, demo
+
+
+def test_demo_prints_progress_names_the_bad_clip_and_fails(graph) -> None:
+    *_, demo = graph
+    out = demo.stdout
+    assert demo.returncode == 1, out + demo.stderr  # a clip failed: the demo says so in its exit status
+    assert re.search(r"batch 1/1: 10 of 11 clips cached, 1 failed", out), out
+    # Named with its reason, in the summary, while everything after the clips still ran.
+    assert re.search(r"error: clip \S*broken\.mp4 failed: .*broken\.mp4", demo.stderr), demo.stderr
+    assert "step 300/300" in out and "phase transitions:" in out and "best_val_loss" in out
+    # Progress and the summary, not Dagster's event stream, log lines or warnings.
+    both = out + demo.stderr
+    for noise in (" - dagster - ", "DEBUG", "BetaWarning", "PreviewWarning", "[pipes]", "STEP_START"):
+        assert noise not in both, f"{noise!r} in the demo's output:\n{both}"
 
 
 def _materialization(instance: DagsterInstance, key: str):

@@ -47,6 +47,8 @@ class _StepLines(logging.Filter):
         meta = getattr(record, LOG_RECORD_METADATA_ATTR, None)
         if not meta or meta.get("dagster_event") is not None or record.levelno >= logging.ERROR:
             return False
+        if meta["orig_message"].startswith("[pipes]"):  # Pipes' own handshake, not the trainer's words
+            return False
         record.msg, record.args = f"    {meta['orig_message']}", ()
         return True
 
@@ -80,7 +82,8 @@ def sync_partitions(instance: DagsterInstance, project: WanProjectResource) -> l
     from wan_assets.sensors import new_clips_sensor, requested_keys
 
     context = build_sensor_context(instance=instance, resources={"project": project})
-    logging.getLogger("dagster").setLevel(logging.WARNING)  # the tick's INFO line: the caller reports
+    # The tick's logger writes its INFO line to its own console handler: the caller reports instead.
+    context.log.setLevel(logging.WARNING)
     result = new_clips_sensor(context)
     assert isinstance(result, SensorResult), "the sensor returns one SensorResult"
     for request in result.dynamic_partitions_requests or ():
