@@ -21,10 +21,10 @@ from PIL import Image
 
 from resources.project import WanProjectResource
 from wan_assets.assets.training import evaluated_checkpoints
-from wan_assets.core.metrics.report import query
-from wan_assets.definitions import ASSETS, resources
 from wan_assets.core.data.synthetic import write_bad_inputs
+from wan_assets.core.metrics.report import query
 from wan_assets.core.workdir import Workdir
+from wan_assets.definitions import resources
 
 from .conftest import CONFIGS, REPO
 
@@ -42,7 +42,11 @@ def graph(tmp_path_factory: pytest.TempPathFactory, clips_dir: Path, tiny_model_
     env = {**os.environ, "DAGSTER_HOME": "", "WAN_ASSETS_HOME": ""}
     demo = subprocess.run(
         [sys.executable, "-m", "wan_assets.cli", "demo", "--workdir", str(workdir)],
-        capture_output=True, text=True, env=env, cwd=REPO, timeout=900,
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO,
+        timeout=900,
     )
     project = WanProjectResource(config_path=str(CONFIGS / "tiny_cpu.yaml"), workdir=str(workdir))
     all_resources = {**resources(), "project": project}

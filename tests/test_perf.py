@@ -13,7 +13,13 @@ from diffusers import WanTransformer3DModel
 from torch._dynamo.testing import CompileCounterWithBackend
 
 from wan_assets.core.config import ModelConfig, NetworkConfig, TrainConfig, parse_config
-from wan_assets.core.model.lora import FusedLoraLinear, add_lora, fuse_lora_linears
+from wan_assets.core.model.lora import (
+    TRAINED_ADAPTER,
+    FusedLoraLinear,
+    add_lora,
+    fuse_lora_linears,
+    set_lora_scale,
+)
 from wan_assets.core.model.quantize import Float8FrozenLinear
 from wan_assets.core.model.tiny import TINY_TRANSFORMER
 from wan_assets.core.speed import block_parts, offload
@@ -145,6 +151,42 @@ def test_one_compiled_graph_per_policy_serves_every_bucket_shape(
     with torch.no_grad():
         forward(3, 6, 6), forward(5, 8, 10)
     assert counter.frame_count == 3, "sampling: one no-grad graph for every shape"
+    torch._dynamo.reset()
+
+
+def test_both_experts_and_every_alpha_share_the_compiled_graphs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The experts' adapters have one name and the LoRA scale is a graph input: the second expert and
+    an alpha phase change reuse the first expert's graph (each compiled its own before), with the
+    scale in force in each expert's output."""
+    counter = CompileCounterWithBackend("aot_eager")
+    monkeypatch.setattr(speed_options, "COMPILE_BACKEND", counter)
+    torch._dynamo.reset()
+    experts = []
+    for seed in (1, 2):
+        torch.manual_seed(0)
+        model = WanTransformer3DModel(**{**TINY_TRANSFORMER, "num_layers": 2}).eval()
+        model.requires_grad_(False)
+        for p in add_lora(model, NetworkConfig(linear=4, linear_alpha=4), TRAINED_ADAPTER, seed=seed):
+            torch.nn.init.normal_(p, 0, 0.05)  # B != 0, so that the scale shows in the output
+        speed_options.apply_training_options(
+            model, TrainConfig(gradient_checkpointing="selective", compile=True), MODEL, CPU
+        )
+        experts.append(model.train())
+
+    def loss(model: WanTransformer3DModel) -> torch.Tensor:
+        out = model(**inputs(), return_dict=False)[0].square().mean()
+        out.backward()
+        return out.detach()
+
+    first = [loss(m) for m in experts]
+    assert counter.frame_count == 1, "the second expert reuses the first expert's graph"
+    set_lora_scale(experts[0], 8.0, TRAINED_ADAPTER)
+    changed = loss(experts[0])
+    assert counter.frame_count == 1, "a new alpha reuses the graph"
+    assert not torch.equal(changed, first[0]), "the new scale is in force inside the compiled graph"
+    eager = copy.deepcopy(experts[0])
+    speed_options.clear_training_options(eager)
+    assert torch.allclose(loss(eager), changed, rtol=1e-5), "compiled with the new scale == eager"
     torch._dynamo.reset()
 
 

@@ -22,7 +22,7 @@ from wan_assets.core.config import parse_config
 from wan_assets.core.errors import TrainingError
 from wan_assets.core.eval.validation import validation_loss
 from wan_assets.core.experts import timestep_window
-from wan_assets.core.model.lora import lora_scale, set_lora_scale
+from wan_assets.core.model.lora import TRAINED_ADAPTER, lora_scale, set_lora_scale
 from wan_assets.core.train.loop import TrainState, build_parts, save_final, train, train_step
 from wan_assets.core.train.metrics_log import read_lines
 from wan_assets.core.train.run_files import RunFiles
@@ -200,14 +200,14 @@ def test_forced_transition_and_export_parity(
         train_step(parts, state, step)
     high = parts.model.expert("high_noise")
     rank = job.process.network.linear
-    assert lora_scale(high, "high_noise") == 4 / rank
+    assert lora_scale(high, TRAINED_ADAPTER) == 4 / rank
     high.eval()
     before = _outputs(high)
 
     transition = parts.scheduler.force_transition(8, "high_noise")
-    set_lora_scale(high, parts.scheduler.alpha("high_noise"), "high_noise")
+    set_lora_scale(high, parts.scheduler.alpha("high_noise"), TRAINED_ADAPTER)
     assert (transition.from_alpha, transition.to_alpha) == (4.0, 8.0)
-    assert lora_scale(high, "high_noise") == 8 / rank
+    assert lora_scale(high, TRAINED_ADAPTER) == 8 / rank
     assert {c.name for c in transition.criteria} >= {"min_steps", "loss_samples", "loss_r2", "loss_cv"}
     after = _outputs(high)
     assert not torch.allclose(before, after)
@@ -216,12 +216,12 @@ def test_forced_transition_and_export_parity(
         for name, p in high.named_parameters():
             if "lora_B" in name:
                 p.mul_(2.0)
-        set_lora_scale(high, 4.0, "high_noise")
+        set_lora_scale(high, 4.0, TRAINED_ADAPTER)
         assert torch.allclose(_outputs(high), after, atol=1e-6)
         for name, p in high.named_parameters():
             if "lora_B" in name:
                 p.div_(2.0)
-        set_lora_scale(high, 8.0, "high_noise")
+        set_lora_scale(high, 8.0, TRAINED_ADAPTER)
     assert parts.scheduler.alpha("low_noise") == 4.0, "the other expert keeps its own phase"
 
     finals = save_final(parts)

@@ -178,6 +178,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         )
         for t in result.transitions:
             print(f"  {t.expert}: {t.from_phase} -> {t.to_phase} at step {t.step}")
+        if job.process.train.compile:
+            from wan_assets.core.speed.options import compile_summary
+
+            print(compile_summary() or "compile: no graph compiled")
     return 0
 
 

@@ -24,7 +24,7 @@ from wan_assets.core.eval.validation import validation_loss
 from wan_assets.core.experts import timestep_window
 from wan_assets.core.files import atomic_output, write_json
 from wan_assets.core.model.loading import load_wan_model
-from wan_assets.core.model.lora import add_lora, load_lora_into
+from wan_assets.core.model.lora import TRAINED_ADAPTER, add_lora, load_lora_into
 from wan_assets.core.precision import DTYPES
 from wan_assets.core.seeds import derive_seed
 from wan_assets.core.train.run_files import RunFiles
@@ -96,7 +96,7 @@ def evaluate_run(job: JobConfig, cache_dir: Path, *, device: torch.device | None
     model = load_wan_model(job.process.model, dtype=dtype, device=device)
     network, validation = job.process.network, job.process.validation
     for expert in job.experts:
-        add_lora(model.expert(expert), network, expert, seed=0)
+        add_lora(model.expert(expert), network, TRAINED_ADAPTER, seed=0)
     steps = [0, *files.complete_steps(job.experts)]
     report = EvaluationReport(files.root, [])
     for step in steps:
@@ -147,7 +147,7 @@ def _apply_checkpoint(model, job: JobConfig, files: RunFiles, step: int, *, ema:
         if step == 0:
             transformer.disable_adapters()
         else:
-            load_lora_into(transformer, files.lora(expert, step, ema=ema), expert)
+            load_lora_into(transformer, files.lora(expert, step, ema=ema), TRAINED_ADAPTER)
             transformer.enable_adapters()
 
 

@@ -12,6 +12,7 @@ import logging
 import re
 from collections.abc import Iterator
 from pathlib import Path
+from typing import cast
 
 import torch
 from diffusers import WanTransformer3DModel
@@ -46,6 +47,10 @@ TARGET_SUFFIXES: tuple[str, ...] = tuple(COMFY_NAMES)
 COMFY_PREFIX = "diffusion_model."
 # ai-toolkit names the model `transformer`; its users write filters such as "transformer.blocks.0.".
 FILTER_PREFIX = "transformer."
+
+# The adapter's name inside each expert: the same in both, so that the compiled block graphs (which
+# guard on the names they index by) serve both experts (speed/options.py).
+TRAINED_ADAPTER = "trained"
 
 _TARGET = re.compile(r"blocks\.(\d+)\.(" + "|".join(re.escape(s) for s in TARGET_SUFFIXES) + r")")
 # LoKr factors whose presence gives a module a rank; LyCORIS/ComfyUI apply alpha / rank only then.
@@ -121,7 +126,15 @@ class FusedLoraLinear(PeftLoraLinear):
     one output per linear instead of the base's and the B product's (speed/options.py). Anything but one
     plain active adapter (merged, disabled, several adapters, DoRA and other variants, extra
     arguments) takes peft's own forward.
+
+    The scale is read from `wan_scale`, a 0-dim fp32 buffer that `set_lora_scale` fills in place, and
+    multiplies the small up-projection weight (r x out) before the GEMM: a compiled graph takes it
+    as an input, so an alpha phase change reuses the graph instead of compiling a new one (peft's
+    float `scaling` would be a constant of the graph).
     """
+
+    wan_scale: torch.Tensor
+    wan_scale_name: str
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         adapters = self.active_adapters
@@ -138,12 +151,18 @@ class FusedLoraLinear(PeftLoraLinear):
         if not torch.is_autocast_enabled(result.device.type) and not result.dtype == low.dtype == up.dtype:
             # Mixed dtypes without autocast: peft's arithmetic and promotion.
             return (result + self.lora_B[name](low) * self.scaling[name]).to(result.dtype)
-        out = torch.addmm(
-            result.reshape(-1, result.shape[-1]),
-            low.reshape(-1, low.shape[-1]),
-            up.t(),
-            alpha=self.scaling[name],
-        )
+        if name == self.wan_scale_name:
+            scaled_up = up * self.wan_scale  # in the weight's fp32; autocast rounds the product to bf16 once
+            out = torch.addmm(
+                result.reshape(-1, result.shape[-1]), low.reshape(-1, low.shape[-1]), scaled_up.t()
+            )
+        else:
+            out = torch.addmm(
+                result.reshape(-1, result.shape[-1]),
+                low.reshape(-1, low.shape[-1]),
+                up.t(),
+                alpha=self.scaling[name],
+            )
         return out.view(result.shape).to(result.dtype)
 
 
@@ -153,6 +172,16 @@ def fuse_lora_linears(transformer: torch.nn.Module) -> int:
     for module in transformer.modules():
         if type(module) is PeftLoraLinear:
             module.__class__ = FusedLoraLinear
+            layer = cast(FusedLoraLinear, module)
+            name = layer.active_adapters[0]
+            # Not persistent: the state dict and the files stay peft's; .to() moves it with the layer.
+            up = layer.lora_B[name].weight
+            layer.register_buffer(
+                "wan_scale",
+                torch.tensor(layer.scaling[name], dtype=torch.float32, device=up.device),
+                persistent=False,
+            )
+            layer.wan_scale_name = name
             fused += 1
     return fused
 
@@ -200,6 +229,9 @@ def set_lora_scale(transformer: torch.nn.Module, alpha: float, adapter_name: str
         alphas = layer.lora_alpha if isinstance(layer, LoraLayer) else layer.alpha
         alphas[adapter_name] = alpha
         layer.scaling[adapter_name] = alpha / layer.r[adapter_name]
+        if isinstance(layer, FusedLoraLinear) and layer.wan_scale_name == adapter_name:
+            with torch.no_grad():
+                layer.wan_scale.fill_(layer.scaling[adapter_name])  # in place: compiled graphs read it
     config = getattr(transformer, "peft_config", {}).get(adapter_name)
     if config is not None:
         setattr(config, "lora_alpha" if isinstance(config, LoraConfig) else "alpha", alpha)

@@ -17,9 +17,10 @@
   recomputes the half from it in backward (offload.py).
 - `train.compile`: each block compiled on its own (regional: one graph reused by all 40 blocks),
   the token dimension dynamic: one graph per checkpoint policy and one for sampling's no-grad
-  forward serve every bucket shape (static shapes compiled again for each). Each expert gets its
-  own graphs (its adapter name is guarded), and an alpha phase change recompiles once (the LoRA
-  scale is a constant). The compiled artefacts persist in the workdir (cli.py), so a second run
+  forward serve every bucket shape (static shapes compiled again for each). Both experts share
+  them (their adapters have one name, lora.TRAINED_ADAPTER, and the graphs guard on the names they
+  index by), and an alpha phase change reuses them (the LoRA scale is a graph input,
+  lora.FusedLoraLinear). The compiled artefacts persist in the workdir (cli.py), so a second run
   reuses them.
 Options a device cannot run raise one ValueError naming the option and the device.
 """
@@ -27,6 +28,7 @@ Options a device cannot run raise one ValueError naming the option and the devic
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import os
 import shutil
@@ -46,7 +48,7 @@ from wan_assets.core.speed.offload import ActivationOffloader, offloaded_block
 
 logger = logging.getLogger(__name__)
 COMPILE_BACKEND = "inductor"  # tests use "aot_eager": the same graph capture, no code generation
-RECOMPILE_LIMIT = 64  # policies x grad modes x alpha values (the LoRA scale is a compile-time constant)
+RECOMPILE_LIMIT = 64  # checkpoint policies x grad modes (x alpha values for LoKr, whose scale is a constant)
 # The token dimension compiles dynamic: one graph per checkpoint policy (and one for sampling's
 # no-grad forward) serves every bucket shape, instead of a compile per shape (bench/README.md,
 # warm-up). False: static shapes, a graph per token count (the benchmark compares the two).
@@ -223,8 +225,7 @@ class _CheckpointedBlock(torch.nn.Module):
             return run(*args, **kwargs)
         if self.wan_policy == "full":
             return checkpoint(run, *args, use_reentrant=False, **kwargs)
-        policy = _save_attention_and_matmuls if self.wan_policy == "matmuls" else _save_attention
-        context = functools.partial(create_selective_checkpoint_contexts, policy)
+        context = _SAVE_MATMULS if self.wan_policy == "matmuls" else _SAVE_ATTENTION
         return checkpoint(run, *args, use_reentrant=False, context_fn=context, **kwargs)
 
 
@@ -267,6 +268,39 @@ def _save_attention_and_matmuls(ctx, op, *args, **kwargs) -> CheckpointPolicy:
     if op in MATMUL_OPS or op in ATTENTION_OPS:
         return CheckpointPolicy.MUST_SAVE
     return CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def _policy_context(policy) -> functools.partial:
+    """The checkpoint `context_fn` of a selective policy, with the `cache_hash` that AOTAutograd's
+    cache asks of one (without it, every new process traces and partitions each graph again): the
+    policy's code and the ops it names, so a changed policy never reuses a stale graph."""
+    context = functools.partial(create_selective_checkpoint_contexts, policy)
+    ops = sorted(str(op) for op in ATTENTION_OPS | MATMUL_OPS)
+    code = policy.__code__
+    digest = hashlib.sha256(
+        repr((policy.__qualname__, code.co_code, code.co_consts, code.co_names, ops)).encode()
+    )
+    context.cache_hash = digest.hexdigest()  # type: ignore[attr-defined]
+    return context
+
+
+_SAVE_ATTENTION = _policy_context(_save_attention)
+_SAVE_MATMULS = _policy_context(_save_attention_and_matmuls)
+
+
+def compile_summary() -> str | None:
+    """One line on what torch.compile did in this process (graphs, and its caches' hits), or None."""
+    from torch._dynamo.utils import counters
+
+    graphs = counters["stats"]["unique_graphs"]
+    if not graphs:
+        return None
+    inductor, aot = counters["inductor"], counters["aot_autograd"]
+    return (
+        f"compile: {graphs} graphs; inductor cache {inductor['fxgraph_cache_hit']} hits, "
+        f"{inductor['fxgraph_cache_miss']} misses; AOTAutograd cache {aot['autograd_cache_hit']} hits, "
+        f"{aot['autograd_cache_miss']} misses, {aot['autograd_cache_bypass']} bypassed"
+    )
 
 
 def _before_forward(module, args, kwargs, *, offloader, planner):

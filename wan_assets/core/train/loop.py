@@ -32,7 +32,7 @@ from wan_assets.core.errors import TrainingError
 from wan_assets.core.experts import timestep_window
 from wan_assets.core.files import write_json, write_text
 from wan_assets.core.model.loading import WanComponents, load_wan_model
-from wan_assets.core.model.lora import add_lora, exported_alpha, save_lora, set_lora_scale
+from wan_assets.core.model.lora import TRAINED_ADAPTER, add_lora, exported_alpha, save_lora, set_lora_scale
 from wan_assets.core.model.metadata import LoraFacts, lora_metadata
 from wan_assets.core.precision import DTYPES, autocast, dtype_problem
 from wan_assets.core.seeds import derive_seed
@@ -158,7 +158,7 @@ def build_parts(
     for expert in job.experts:
         transformer = model.expert(expert)
         params[expert] = add_lora(
-            transformer, job.process.network, expert, seed=derive_seed(train.seed, "lora", expert)
+            transformer, job.process.network, TRAINED_ADAPTER, seed=derive_seed(train.seed, "lora", expert)
         )
         for p in params[expert]:
             p.data = p.data.float()  # fp32 master weights for the adapter, whatever the base dtype
@@ -209,7 +209,7 @@ def _offload(job: JobConfig) -> bool:
 def apply_alpha(model: WanComponents, scheduler: AlphaScheduler, experts: tuple[str, ...]) -> None:
     """Put the alpha each expert's schedule has in force into that expert's LoRA scale."""
     for expert in experts:
-        set_lora_scale(model.expert(expert), scheduler.alpha(expert), expert)
+        set_lora_scale(model.expert(expert), scheduler.alpha(expert), TRAINED_ADAPTER)
 
 
 def activate(parts: TrainParts, expert: str) -> None:
@@ -421,7 +421,7 @@ def _lora_metadata(parts: TrainParts, expert: str, step: int) -> dict[str, str]:
     facts = LoraFacts(
         expert=expert,
         step=step,
-        alpha=exported_alpha(parts.model.expert(expert), expert, alpha),
+        alpha=exported_alpha(parts.model.expert(expert), TRAINED_ADAPTER, alpha),
         trained_alpha=alpha,
         timestep_range=(round(low), round(high)),
         dataset_hash=parts.index_hash,
@@ -526,7 +526,7 @@ def _save_lora(parts: TrainParts, expert: str, step: int | None, *, ema: bool) -
     return save_lora(
         parts.files.lora(expert, step, ema=ema),
         parts.model.expert(expert),
-        expert,
+        TRAINED_ADAPTER,
         parts.scheduler.alpha(expert),
         dtype=DTYPES[parts.job.process.save.dtype],
         metadata=metadata,
