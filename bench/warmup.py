@@ -7,6 +7,7 @@ checkpointing, the memory planner, samples mid-run and at the end), each run in 
 and run folder, on the same workdir:
   run 1  cold: the workdir's torch.compile cache emptied first
   run 2  the same config again: compiled graphs come from the workdir's cache
+(`--runs` names others: `cold,warm,warm2`.)
 Per run, from the metrics JSONL: the steady s/step of each bucket (median of the bucket's later
 half of steps), each bucket's extra time (the sum over its steps of step time minus its steady
 s/step; the run's first bucket carries the compile), the total step time against steps x steady,
@@ -126,12 +127,14 @@ def analyse(lines: list[dict], log: Path, wall: float, code: int) -> dict:
         "step_total_s": round(total, 2),
         "steady_total_s": round(steady_total, 2),
         "ratio": round(total / steady_total, 3) if steady_total else None,
+        "extra_total_s": round(total - steady_total, 2),
         "first_bucket_extra_s": buckets[order[0]]["extra_s"] if order else None,
         "other_buckets_extra_max_s": max(later) if later else None,
         # By function: the blocks' compiled forward, torchao's AdamW step (per parameter shape), ...
         "recompiles": dict(Counter(re.findall(r"Recompiling function (\S+ in \S+)", text))),
         "skipped": sum(1 for line in lines if line.get("skipped")),
-        # Each expert compiles its own graphs (the adapter's name is part of what a graph guards on).
+        "compile": next(iter(re.findall(r"^compile: .*$", text, re.MULTILINE)), None),  # graphs, cache hits
+        # The first step of each expert: the second expert reuses the first one's graphs.
         "expert_first_steps": {
             e: next(
                 f"step {x['step']}, {x['bucket']}, {x['step_time_s']} s" for x in lines if x["expert"] == e
@@ -154,6 +157,9 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--tiny", action="store_true", help="tiny model, compile off: a CPU smoke test")
     parser.add_argument("--run-timeout", type=float, default=None, help="seconds per train process")
+    parser.add_argument(
+        "--runs", default="cold,warm", help="train processes in order; 'cold' empties the compile cache first"
+    )
     args = parser.parse_args()
 
     from wan_assets.core.model.tiny import build_tiny_model
@@ -166,13 +172,14 @@ def main() -> int:
         build_tiny_model(model, sizes=None if args.tiny else SIZES)
     if not clips.is_dir():
         write_clips(clips, args.frames)
-    shutil.rmtree(work / "compile_cache", ignore_errors=True)  # run 1 starts cold
     results: dict = {"sizes": None if args.tiny else SIZES, "steps": args.steps, "runs": {}}
-    for run in ("cold", "warm"):
+    for run in args.runs.split(","):
+        if run == "cold":
+            shutil.rmtree(work / "compile_cache", ignore_errors=True)
         run_dir = work / f"runs_{run}" / NAME
         shutil.rmtree(run_dir, ignore_errors=True)
         config = job_file(work, model, clips, run, args)
-        if run == "cold":
+        if not (work / "cache" / "index").is_dir():
             code, wall = cli(work, logs / "cache.log", "cache", str(config))
             if code != 0:
                 print((logs / "cache.log").read_text()[-3000:])
