@@ -190,6 +190,25 @@ def test_both_experts_and_every_alpha_share_the_compiled_graphs(monkeypatch: pyt
     torch._dynamo.reset()
 
 
+def test_compile_summary_names_graphs_cache_and_time(
+    expert: WanTransformer3DModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The line `wan-assets train` ends with under compile: None before anything compiled, then the
+    graph count, both caches' figures and where the time went."""
+    from torch._dynamo.utils import compilation_time_metrics, counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    compilation_time_metrics.clear()
+    assert speed_options.compile_summary() is None
+    monkeypatch.setattr(speed_options, "COMPILE_BACKEND", "aot_eager")
+    run(expert, gradient_checkpointing="selective", compile=True)
+    line = speed_options.compile_summary()
+    assert line is not None and line.startswith("compile: 1 graphs; inductor cache "), line
+    assert "AOTAutograd cache" in line and re.search(r"seconds: in all \d+\.\d", line), line
+    torch._dynamo.reset()
+
+
 def test_compiled_offloaded_halves_match_eager(
     expert: WanTransformer3DModel, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -289,18 +289,32 @@ _SAVE_MATMULS = _policy_context(_save_attention_and_matmuls)
 
 
 def compile_summary() -> str | None:
-    """One line on what torch.compile did in this process (graphs, and its caches' hits), or None."""
-    from torch._dynamo.utils import counters
+    """One line on what torch.compile did in this process: graphs, its caches' hits, and where its time
+    went (dynamo's own timers, where this torch has them), or None when nothing was compiled."""
+    from torch._dynamo.utils import compilation_time_metrics, counters
 
     graphs = counters["stats"]["unique_graphs"]
     if not graphs:
         return None
     inductor, aot = counters["inductor"], counters["aot_autograd"]
-    return (
+    line = (
         f"compile: {graphs} graphs; inductor cache {inductor['fxgraph_cache_hit']} hits, "
         f"{inductor['fxgraph_cache_miss']} misses; AOTAutograd cache {aot['autograd_cache_hit']} hits, "
         f"{aot['autograd_cache_miss']} misses, {aot['autograd_cache_bypass']} bypassed"
     )
+    timers = {
+        "in all": "_compile.compile_inner",
+        "tracing": "bytecode_tracing",
+        "code generation": "GraphLowering.compile_to_module",
+        "loading compiled code": "PyCodeCache.load_by_key_path",
+        "guards": "build_guards",
+    }
+    spent = [
+        f"{label} {sum(compilation_time_metrics[k]):.1f}"
+        for label, k in timers.items()
+        if k in compilation_time_metrics
+    ]
+    return line + (f"; seconds: {', '.join(spent)}" if spent else "")
 
 
 def _before_forward(module, args, kwargs, *, offloader, planner):
