@@ -495,7 +495,7 @@ KEYS: tuple[AitkKey, ...] = (
     *_rows(
         "model",
         ANY,
-        "torch.compile settings: blocks are compiled one by one with static shapes",
+        "torch.compile settings: blocks are compiled one by one, the token dimension dynamic (train.compile)",
         "block_compile",
         "compile_mode",
         "compile_fullgraph",
