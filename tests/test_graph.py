@@ -1,4 +1,4 @@
-"""The whole asset graph in-process on the tiny model: real Pipes, real `wan-assets train`, DuckDB."""
+"""The whole asset graph through `wan-assets demo` on the tiny model: real Pipes, real `wan-assets train`, DuckDB."""
 
 from __future__ import annotations
 
