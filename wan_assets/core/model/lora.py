@@ -152,17 +152,14 @@ class FusedLoraLinear(PeftLoraLinear):
             # Mixed dtypes without autocast: peft's arithmetic and promotion.
             return (result + self.lora_B[name](low) * self.scaling[name]).to(result.dtype)
         if name == self.wan_scale_name:
-            scaled_up = up * self.wan_scale  # in the weight's fp32; autocast rounds the product to bf16 once
-            out = torch.addmm(
-                result.reshape(-1, result.shape[-1]), low.reshape(-1, low.shape[-1]), scaled_up.t()
-            )
+            # The graph's scale input, in the weight's fp32; autocast rounds the product to bf16 once.
+            # (peft's float `scaling` is not read here: a compiled graph would guard on its value.)
+            up, alpha = up * self.wan_scale, 1.0
         else:
-            out = torch.addmm(
-                result.reshape(-1, result.shape[-1]),
-                low.reshape(-1, low.shape[-1]),
-                up.t(),
-                alpha=self.scaling[name],
-            )
+            alpha = self.scaling[name]
+        out = torch.addmm(
+            result.reshape(-1, result.shape[-1]), low.reshape(-1, low.shape[-1]), up.t(), alpha=alpha
+        )
         return out.view(result.shape).to(result.dtype)
 
 
