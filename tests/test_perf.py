@@ -4,6 +4,7 @@ fails with one clear message when this device cannot run it."""
 from __future__ import annotations
 
 import copy
+import json
 import re
 from pathlib import Path
 
@@ -22,9 +23,9 @@ from wan_assets.core.model.lora import (
 )
 from wan_assets.core.model.quantize import Float8FrozenLinear
 from wan_assets.core.model.tiny import TINY_TRANSFORMER
-from wan_assets.core.speed import block_parts, offload
+from wan_assets.core.speed import block_parts, memory_plan, offload
 from wan_assets.core.speed import options as speed_options
-from wan_assets.core.speed.memory_plan import GIB, MatmulPlanner
+from wan_assets.core.speed.memory_plan import GIB, MatmulPlanner, PlanStore
 from wan_assets.core.train.loop import train
 from wan_assets.core.train.metrics_log import read_lines
 
@@ -206,6 +207,11 @@ def test_compile_summary_names_graphs_cache_and_time(
     line = speed_options.compile_summary()
     assert line is not None and line.startswith("compile: 1 graphs; inductor cache "), line
     assert "AOTAutograd cache" in line and re.search(r"seconds: in all \d+\.\d", line), line
+    # A torch whose timers have other names: the costliest of the ones it has, not nothing.
+    compilation_time_metrics.clear()
+    compilation_time_metrics.update({"some_new_timer": [100.0, 23.0], "build_guards": [0.5]})
+    line = speed_options.compile_summary()
+    assert line is not None and line.endswith("seconds: some_new_timer 123.0, build_guards 0.5"), line
     torch._dynamo.reset()
 
 
@@ -442,6 +448,56 @@ def test_memory_planner_scales_a_new_token_count_from_a_measured_one() -> None:
     assert step(500) == 40, "a smaller count fits every block at once"
 
 
+class _Allocator:
+    """A CUDA caching allocator as the planner sees it in the training loop: the peak is reset at each
+    step start, before the forward; a step whose peak passes the capacity runs out of memory."""
+
+    def __init__(self, capacity: float) -> None:
+        self.allocated, self.peak, self.capacity = 29 * GIB, 29 * GIB, int(capacity * GIB)
+
+    def __call__(self) -> tuple[int, int, int]:
+        return self.allocated, self.peak, self.capacity
+
+    def alloc(self, gib: float) -> None:
+        self.allocated += int(gib * GIB)
+        self.peak = max(self.peak, self.allocated)
+
+    def step(self, planner: MatmulPlanner, tokens: int) -> tuple[int, bool]:
+        """One training step of an expert whose blocks keep, at 9216 tokens, 4 GiB without matmul
+        outputs and 0.85 GiB per block that keeps them, and whose backward needs 3 GiB more (all in
+        proportion to the tokens): the count planned and whether it fit."""
+        self.peak = self.allocated  # torch.cuda.reset_peak_memory_stats at the step's start
+        before = self.allocated
+        count = planner.before_forward(tokens)
+        scale = tokens / 9216
+        self.alloc(scale * (4 + 0.85 * count))
+        planner.after_forward()
+        self.alloc(scale * 3)
+        fits = self.peak <= self.capacity
+        if fits:
+            planner.backward_finished()
+        self.allocated = before
+        return count, fits
+
+
+def test_memory_planner_never_plans_past_the_card_at_a_larger_token_count() -> None:
+    """The bench's 480x832x81 after 512x512x33 (bench/README.md, issue 20): the backward's working
+    memory is measured although the loop resets the peak before each forward, so the larger token
+    count never runs out of memory, and settles at the most blocks that fit within the margin."""
+    memory = _Allocator(capacity=139.5)
+    planner = MatmulPlanner(
+        [torch.nn.Module() for _ in range(40)], CPU, guess_per_token=2 * GIB // 9216, memory=memory
+    )
+    small = [memory.step(planner, 9216) for _ in range(5)]
+    assert small == [(0, True), (1, True)] + [(40, True)] * 3
+    large = [memory.step(planner, 32760) for _ in range(5)]
+    assert all(fits for _, fits in large), large
+    # Within the margin (2 GiB + 4% of the card): 29 + 3.55 x (4 + 0.85 n + 3) <= 139.5 - 7.58
+    settled = large[-1][0]
+    assert large[-2][0] == settled and 29 + 32760 / 9216 * (4 + 0.85 * (settled + 1) + 3) > 139.5 - 7.58
+    assert settled >= 20, large
+
+
 def test_memory_planner_plans_within_a_capped_allocator(monkeypatch: pytest.MonkeyPatch) -> None:
     """Under set_per_process_memory_fraction the capacity is the cap, not the card's free memory."""
     cuda = torch.cuda
@@ -461,3 +517,88 @@ def test_memory_planner_plans_within_a_capped_allocator(monkeypatch: pytest.Monk
     assert planner.memory() == (28 * GIB, 29 * GIB, 130 * GIB), "free plus what the allocator holds"
     fraction["value"] = 80 / 140
     assert planner.memory() == (28 * GIB, 29 * GIB, 80 * GIB), "an 80 GiB cap on a 140 GiB card"
+
+
+class _FakeMemory:
+    """The allocator as the planner reads it, for a step whose forward keeps `10 + count` GiB."""
+
+    def __init__(self) -> None:
+        self.allocated, self.peak = 30 * GIB, 30 * GIB
+
+    def __call__(self) -> tuple[int, int, int]:
+        return self.allocated, self.peak, 80 * GIB
+
+    def step(self, planner: MatmulPlanner, tokens: int, *, finish: bool = True) -> int:
+        count = planner.before_forward(tokens)
+        kept = tokens * (10 * GIB + count * GIB) // 1000
+        self.allocated += kept
+        planner.after_forward()
+        self.peak = self.allocated + 5 * GIB * tokens // 1000
+        self.allocated -= kept
+        if finish:
+            planner.backward_finished()
+        return count
+
+
+def _planner(store: PlanStore, memory: _FakeMemory) -> MatmulPlanner:
+    blocks = [torch.nn.Module() for _ in range(40)]
+    return MatmulPlanner(blocks, CPU, guess_per_token=GIB // 1000, memory=memory, store=store)
+
+
+def test_memory_plan_is_kept_for_the_next_run_and_the_other_expert(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A second process with the same key plans its first step without probing; the other expert of
+    the same process shares the first one's figures; another key (another card, rank, fp8, ...)
+    measures afresh; an out-of-memory limit is kept too; an unreadable file only costs the probes."""
+    path = tmp_path / "compile_cache" / "wan_assets_memory_plan.json"
+    monkeypatch.setattr(memory_plan, "_SHARED", {})
+    memory = _FakeMemory()
+    high = _planner(PlanStore(path, "card | a"), memory)
+    assert [memory.step(high, 1000) for _ in range(3)] == [0, 1, 29]
+    assert path.is_file(), "written once the token count is measured"
+    low = _planner(PlanStore(path, "card | a"), memory)
+    assert memory.step(low, 1000) == 29, "the other expert of the run: no probe of its own"
+    assert memory_plan.plan_summary() == f"memory plan: 1 token counts measured, 0 of them read from {path}"
+
+    monkeypatch.setattr(memory_plan, "_SHARED", {})  # a new process
+    again = _planner(PlanStore(path, "card | a"), memory)
+    assert memory.step(again, 1000) == 29, "planned from the file at its first step"
+    assert memory.step(again, 2000) == 5, "a new token count scales from the file's figures"
+    assert memory.step(again, 1000, finish=False) == 29  # out of memory
+    assert memory.step(again, 1000) == 14
+    assert memory_plan.plan_summary() == f"memory plan: 2 token counts measured, 1 of them read from {path}"
+    other = _planner(PlanStore(path, "card | b"), memory)
+    assert [memory.step(other, 1000) for _ in range(3)] == [0, 1, 29], "another key probes on its own"
+
+    monkeypatch.setattr(memory_plan, "_SHARED", {})
+    third = _planner(PlanStore(path, "card | a"), memory)
+    assert memory.step(third, 1000) == 14, "the limit an out-of-memory step set is kept"
+    assert set(json.loads(path.read_text())) == {"card | a", "card | b"}
+
+    monkeypatch.setattr(memory_plan, "_SHARED", {})
+    path.write_text("{not json")
+    fresh = _planner(PlanStore(path, "card | a"), memory)
+    assert [memory.step(fresh, 1000) for _ in range(3)] == [0, 1, 29]
+    assert set(json.loads(path.read_text())) == {"card | a"}, "rewritten whole"
+
+
+def test_memory_plan_key_follows_what_the_figures_depend_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same model and options give the same key; LoRA rank, fp8 compute, the optimizer change it.
+    The file lies in torch.compile's cache folder (the workdir's under `wan-assets train`)."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "compile_cache"))
+    assert speed_options._plan_path() == tmp_path / "compile_cache" / "wan_assets_memory_plan.json"
+    train = TrainConfig(gradient_checkpointing="selective", compile=True)
+
+    def key(rank: int = 4, **changes) -> str:
+        torch.manual_seed(0)
+        model = WanTransformer3DModel(**{**TINY_TRANSFORMER, "num_layers": 2})
+        model.requires_grad_(False)
+        add_lora(model, NetworkConfig(linear=rank, linear_alpha=rank), TRAINED_ADAPTER, seed=1)
+        return speed_options.plan_key(model, train.model_copy(update=changes), CPU)
+
+    base = key()
+    assert base == key() and base.startswith("cpu | ")
+    assert len({base, key(rank=8), key(fp8_compute=True), key(optimizer="adamw")}) == 4

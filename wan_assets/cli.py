@@ -179,9 +179,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         for t in result.transitions:
             print(f"  {t.expert}: {t.from_phase} -> {t.to_phase} at step {t.step}")
         if job.process.train.compile:
+            from wan_assets.core.speed.memory_plan import plan_summary
             from wan_assets.core.speed.options import compile_summary
 
             print(compile_summary() or "compile: no graph compiled")
+            if (plan := plan_summary()) is not None:
+                print(plan)
     return 0
 
 

@@ -13,24 +13,40 @@ any measured count showed, plus a tenth), and its own measurements replace the s
 on (the bucket's first step is then as fast as its last, not two slower probes).
 A step that does not finish its backward (out of memory: the training step skips the batch) halves
 the count for that token count from then on. Numbers come from the CUDA caching allocator; the
-training loop resets the peak at each step start (a peak never reset only makes the plan smaller).
+step's peak is read when its backward reaches the first block's input, since the training loop
+resets the peak at each step start, before the forward (a peak never reset only makes the plan
+smaller; one read after the reset made the working memory negative, and the plan too large).
 The capacity planned for is the card's memory, or less where the process's allocator is capped
 (`torch.cuda.set_per_process_memory_fraction`: a smaller card's budget on a larger one).
+
+The measured figures are kept (`PlanStore`): planners of one process with the same key (both experts
+of a run) share them, and they persist in a JSON file beside torch.compile's caches, so a second run
+of the same config on the same card plans its first step of each known token count without probing,
+and compiles (or loads) only the policies it keeps. The key covers everything the figures depend on:
+the card, torch, the block's parameters (shapes, dtypes: LoRA rank, fp8), the checkpoint policies'
+code, the optimizer; a changed one measures afresh. A limit set by an out-of-memory step persists too.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 
+from wan_assets.core.files import write_json
+
 if TYPE_CHECKING:
     from diffusers.models.transformers.transformer_wan import WanTransformerBlock
 
+logger = logging.getLogger(__name__)
 GIB = 2**30
 SCALED_SAFETY = 1.1  # on per-token figures carried over from another token count
+PLAN_FORMAT = 1  # in every key: a planner whose figures mean something else never reads old ones
 
 
 @dataclass
@@ -42,6 +58,70 @@ class _Shape:
     working: int = 0  # peak minus what the forward kept (the backward's working memory)
     limit: int | None = None  # most blocks allowed, after a step that ran out of memory
     scaled: bool = False  # the figures above are another token count's, scaled (not yet measured here)
+
+    @property
+    def measured(self) -> bool:
+        return self.kept_plain is not None and self.per_block is not None and not self.scaled
+
+
+# This process's plans: (path, key) -> the figures, shared by the planners of that key; and how many
+# token counts of each were read from the file.
+_SHARED: dict[tuple[str, str], dict[int, _Shape]] = {}
+_READ_COUNTS: dict[tuple[str, str], int] = {}
+
+
+class PlanStore:
+    """Measured figures per token count under one key: shared by the planners of a process that use
+    the same key, and read from / written to `path` (one JSON object of keys; others are kept)."""
+
+    def __init__(self, path: Path | None, key: str) -> None:
+        self.path, self.key = path, key
+        ident = (str(path), key)
+        if ident not in _SHARED:
+            _SHARED[ident] = self._read()
+            _READ_COUNTS[ident] = len(_SHARED[ident])
+        self.shapes = _SHARED[ident]
+        self._saved = self._snapshot()
+
+    def _read(self) -> dict[int, _Shape]:
+        if self.path is None or not self.path.is_file():
+            return {}
+        try:
+            entry = json.loads(self.path.read_text()).get(self.key, {})
+            known = {f.name for f in fields(_Shape)}
+            shapes = {int(t): _Shape(**{k: v for k, v in s.items() if k in known}) for t, s in entry.items()}
+        except (OSError, ValueError, TypeError, AttributeError) as exc:
+            logger.warning("memory plan %s unreadable (%s): measuring afresh", self.path, exc)
+            return {}
+        return {t: s for t, s in shapes.items() if s.measured or s.limit is not None}
+
+    def _snapshot(self) -> dict[str, dict]:
+        # What is worth keeping: measured figures and limits, not scaled guesses.
+        return {
+            str(t): asdict(s) for t, s in sorted(self.shapes.items()) if s.measured or s.limit is not None
+        }
+
+    def save_if_new(self) -> None:
+        """Write when a token count got measured or limited since the last write (not on every
+        step's small drift: the next run measures again anyway)."""
+        now = self._snapshot()
+        new = {t for t, s in now.items() if self._saved.get(t, {}).get("limit") != s["limit"]}
+        new |= now.keys() - self._saved.keys()
+        if not new or self.path is None:
+            return
+        try:
+            data = json.loads(self.path.read_text()) if self.path.is_file() else {}
+            if not isinstance(data, dict):
+                data = {}
+        except (OSError, ValueError):
+            data = {}
+        data[self.key] = now
+        try:
+            write_json(self.path, data)
+        except OSError as exc:  # a plan not kept costs the next run two probe steps, nothing else
+            logger.warning("memory plan not saved to %s: %s", self.path, exc)
+            return
+        self._saved = now
 
 
 def _memory_fraction(device: torch.device) -> float:
@@ -61,18 +141,21 @@ class MatmulPlanner:
         *,
         guess_per_token: int,
         memory: Callable[[], tuple[int, int, int]] | None = None,
+        store: PlanStore | None = None,
     ) -> None:
         """`guess_per_token`: a generous guess of the bytes per token one block adds by keeping its
         matmul outputs (only to decide whether a probe is safe); `memory()` -> (allocated, peak
-        allocated, capacity), the CUDA allocator's by default."""
+        allocated, capacity), the CUDA allocator's by default; `store`: figures kept across planners
+        and processes (none: this planner's own)."""
         self.blocks = blocks
         self.device = device
         self.guess_per_token = guess_per_token
         self.memory = memory or self._cuda_memory
-        self.shapes: dict[int, _Shape] = {}
+        self.store = store
+        self.shapes: dict[int, _Shape] = store.shapes if store is not None else {}
         self._step: tuple[_Shape, int, int] | None = None  # shape, count, allocated before forward
         self._after: int | None = None  # allocated after that forward
-        self._finished = True
+        self._peak: int | None = None  # the allocator's peak when that step's backward finished
 
     def _cuda_memory(self) -> tuple[int, int, int]:
         free, total = torch.cuda.mem_get_info(self.device)
@@ -88,26 +171,29 @@ class MatmulPlanner:
 
     def before_forward(self, tokens: int) -> int:
         """Learn from the last step, choose this step's count, set the blocks' policies; the count."""
-        allocated, peak, capacity = self.memory()
-        self._learn(peak)
+        allocated, _, capacity = self.memory()
+        self._learn()
+        if self.store is not None:
+            self.store.save_if_new()
         shape = self.shapes.setdefault(tokens, _Shape())
         count = self._choose(shape, tokens, allocated, capacity)
         for i, block in enumerate(self.blocks):
             block.wan_policy = "matmuls" if i < count else "attention"
-        self._step, self._after, self._finished = (shape, count, allocated), None, False
+        self._step, self._after, self._peak = (shape, count, allocated), None, None
         return count
 
     def after_forward(self) -> None:
         self._after = self.memory()[0]
 
     def backward_finished(self) -> None:
-        self._finished = True
+        self._peak = self.memory()[1]
 
-    def _learn(self, peak: int) -> None:
+    def _learn(self) -> None:
         if self._step is None:
             return
         shape, count, before = self._step
-        if not self._finished or self._after is None:
+        peak = self._peak
+        if peak is None or self._after is None:
             if count > 0:  # out of memory (or a skipped step): never try this many again
                 shape.limit = count // 2
             return
@@ -155,3 +241,15 @@ class MatmulPlanner:
         shape.per_block = scaled(lambda m: m.per_block or 0.0)
         shape.working = int(scaled(lambda m: m.working))
         shape.scaled = True
+
+
+def plan_summary() -> str | None:
+    """One line on the memory plans of this process: token counts measured, how many came from an
+    earlier run's file, and where they are kept; None when no planner ran."""
+    parts = []
+    for (path, _key), shapes in _SHARED.items():
+        measured = sum(1 for s in shapes.values() if s.measured)
+        if measured or shapes:
+            read = _READ_COUNTS.get((path, _key), 0)
+            parts.append(f"{measured} token counts measured, {read} of them read from {path}")
+    return "memory plan: " + "; ".join(parts) if parts else None

@@ -29,10 +29,12 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
 import logging
 import os
 import shutil
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from diffusers import WanTransformer3DModel
@@ -43,7 +45,7 @@ from wan_assets.core.config import ModelConfig, TrainConfig, offloads_inactive_e
 from wan_assets.core.model import quantize
 from wan_assets.core.model.lora import fuse_lora_linears
 from wan_assets.core.speed import block_parts
-from wan_assets.core.speed.memory_plan import MatmulPlanner
+from wan_assets.core.speed.memory_plan import PLAN_FORMAT, MatmulPlanner, PlanStore
 from wan_assets.core.speed.offload import ActivationOffloader, offloaded_block
 
 logger = logging.getLogger(__name__)
@@ -95,7 +97,8 @@ def apply_training_options(
         dim = config.num_attention_heads * config.attention_head_dim
         # bf16 bytes of q, k, v, o, the cross-attention q and o, and the FFN hidden twice.
         guess = 2 * (6 * dim + 2 * config.ffn_dim)
-        planner = MatmulPlanner(list(transformer.blocks), device, guess_per_token=guess)
+        store = PlanStore(_plan_path(), plan_key(transformer, train, device))
+        planner = MatmulPlanner(list(transformer.blocks), device, guess_per_token=guess, store=store)
     hook = functools.partial(_before_forward, offloader=offloader, planner=planner)
     hooks = [transformer.register_forward_pre_hook(hook, with_kwargs=True)]
     if planner is not None:
@@ -110,6 +113,36 @@ def apply_training_options(
             "more than the fp8 matmuls save; turn compile on"
         )
     return AppliedOptions(mode, train.compile, fp8_linears, kind)
+
+
+def plan_key(transformer: WanTransformer3DModel, train: TrainConfig, device: torch.device) -> str:
+    """What the memory planner's figures depend on (memory_plan.PlanStore), as one digest: the card,
+    torch, the model's config, one block's parameters and buffers (shapes, dtypes, which train: LoRA
+    rank and targets, fp8 copies), the checkpoint policies' code and the optimizer."""
+    block = transformer.blocks[0]
+    tensors = [*block.named_parameters(), *block.named_buffers()]
+    card = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+    total = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else 0
+    described = {
+        "format": PLAN_FORMAT,
+        "card": [card, total],
+        "torch": torch.__version__,
+        "config": dict(transformer.config),
+        "blocks": len(transformer.blocks),
+        "block": [[n, list(t.shape), str(t.dtype), t.requires_grad] for n, t in tensors],
+        "policies": [_SAVE_ATTENTION.cache_hash, _SAVE_MATMULS.cache_hash],  # type: ignore[attr-defined]
+        "compile": [COMPILE_BACKEND, DYNAMIC_TOKENS],
+        "train": [train.optimizer, train.fp8_compute, train.batch_size],
+    }
+    text = json.dumps(described, sort_keys=True, default=str)
+    return f"{card} | " + hashlib.sha256(text.encode()).hexdigest()[:24]
+
+
+def _plan_path() -> Path:
+    """Beside torch.compile's caches (the workdir's under `wan-assets train`): kept and cleared with them."""
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+    return Path(cache_dir()) / "wan_assets_memory_plan.json"
 
 
 def clear_training_options(transformer: WanTransformer3DModel) -> None:
@@ -314,7 +347,11 @@ def compile_summary() -> str | None:
         for label, k in timers.items()
         if k in compilation_time_metrics
     ]
-    return line + (f"; seconds: {', '.join(spent)}" if spent else "")
+    if timers["in all"] not in compilation_time_metrics:
+        # Another torch names its timers otherwise: the costliest of those it has.
+        costliest = sorted(compilation_time_metrics.items(), key=lambda kv: -sum(kv[1]))[:5]
+        spent = [f"{k} {sum(v):.1f}" for k, v in costliest]
+    return line + (f"; seconds: {', '.join(spent)}" if spent else "; no compile timers recorded")
 
 
 def _before_forward(module, args, kwargs, *, offloader, planner):
