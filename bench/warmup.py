@@ -7,7 +7,9 @@ checkpointing, the memory planner, samples mid-run and at the end), each run in 
 and run folder, on the same workdir:
   run 1  cold: the workdir's torch.compile cache emptied first
   run 2  the same config again: compiled graphs come from the workdir's cache
-(`--runs` names others: `cold,warm,warm2`.)
+(`--runs` names others: `cold,warm,warm2`; a run named `uncached...` runs with torch.compile's caches
+switched off, TORCHINDUCTOR_FORCE_DISABLE_CACHES=1: it compiles everything as a cold run does, with
+the memory plan of the runs before it, to compare the steady speed of compiled and loaded graphs.)
 Per run, from the metrics JSONL: the steady s/step of each bucket (median of the bucket's later
 half of steps), each bucket's extra time (the sum over its steps of step time minus its steady
 s/step; the run's first bucket carries the compile), the total step time against steps x steady,
@@ -81,9 +83,13 @@ def job_file(work: Path, model: Path, clips: Path, run: str, args) -> Path:
     return out
 
 
-def cli(work: Path, log: Path, *args: str, timeout: float | None = None) -> tuple[int, float]:
+def cli(
+    work: Path, log: Path, *args: str, timeout: float | None = None, uncached: bool = False
+) -> tuple[int, float]:
     env = {k: v for k, v in os.environ.items() if k != "TORCHINDUCTOR_CACHE_DIR"}  # the workdir's
     env["TORCH_LOGS"] = "recompiles"
+    if uncached:
+        env["TORCHINDUCTOR_FORCE_DISABLE_CACHES"] = "1"
     began = time.perf_counter()
     with log.open("w") as out:
         proc = subprocess.Popen(
@@ -134,6 +140,7 @@ def analyse(lines: list[dict], log: Path, wall: float, code: int) -> dict:
         "recompiles": dict(Counter(re.findall(r"Recompiling function (\S+ in \S+)", text))),
         "skipped": sum(1 for line in lines if line.get("skipped")),
         "compile": next(iter(re.findall(r"^compile: .*$", text, re.MULTILINE)), None),  # graphs, cache hits
+        "memory_plan": next(iter(re.findall(r"^memory plan: .*$", text, re.MULTILINE)), None),
         # The first step of each expert: the second expert reuses the first one's graphs.
         "expert_first_steps": {
             e: next(
@@ -185,7 +192,9 @@ def main() -> int:
                 print((logs / "cache.log").read_text()[-3000:])
                 return 1
         log = logs / f"train_{run}.log"
-        code, wall = cli(work, log, "train", str(config), timeout=args.run_timeout)
+        code, wall = cli(
+            work, log, "train", str(config), timeout=args.run_timeout, uncached=run.startswith("uncached")
+        )
         lines = read_jsonl(run_dir / f"metrics_{NAME}.jsonl")
         if not lines:
             print(log.read_text()[-3000:])
