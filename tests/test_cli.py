@@ -137,3 +137,57 @@ def test_sql_works_right_after_a_cli_training(
     capsys.readouterr()
     assert main(["sql", "SELECT count(*) FROM metrics", "--workdir", str(workdir)]) == 0
     assert capsys.readouterr().out.split()[-1] == "4"
+
+
+# `wan-assets train` in a fresh interpreter, with the training loop replaced by one that prints the
+# folders (a stand-in module: importing the real one would import torch._dynamo first).
+PRINT_CACHE_DIRS = """
+import sys
+import types
+
+from wan_assets.cli import main
+
+
+def fake_train(*args, **kwargs):
+    from torch._dynamo.package import DynamoCache
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+    from wan_assets.core.speed.options import _plan_path
+
+    print("dirs", cache_dir(), DynamoCache.path_prefix(), _plan_path())
+    raise SystemExit(0)
+
+
+sys.modules["wan_assets.core.train.loop"] = types.SimpleNamespace(train=fake_train)
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_train_keeps_torch_compile_caches_in_the_workdir(
+    tmp_path: Path, clips_dir: Path, tiny_model_dir: Path
+) -> None:
+    """A new `wan-assets train` process puts torch.compile's caches (inductor's, dynamo's) and the
+    memory plan in <workdir>/compile_cache: set before the job loads, since importing torch._dynamo
+    (loading the model does) fixes the folder, at /tmp's default when unset. A user's own
+    TORCHINDUCTOR_CACHE_DIR wins."""
+    from .conftest import tiny_job_raw
+
+    raw = tiny_job_raw(clips_dir, tiny_model_dir, steps=4)
+    raw["config"]["process"][0].update(training_folder=str(tmp_path / "runs"), sample=None)
+    config = tmp_path / "job.yaml"
+    config.write_text(yaml.safe_dump(raw, sort_keys=False))
+    workdir = tmp_path / "work"
+
+    def dirs(**env: str) -> list[str]:
+        base = {k: v for k, v in os.environ.items() if k != "TORCHINDUCTOR_CACHE_DIR"}
+        out = subprocess.run(
+            [sys.executable, "-c", PRINT_CACHE_DIRS, "train", str(config), "--workdir", str(workdir)],
+            capture_output=True, text=True, cwd=REPO, env={**base, **env}, timeout=300,
+        )  # fmt: skip
+        line = next((x for x in out.stdout.splitlines() if x.startswith("dirs ")), None)
+        assert line is not None, out.stdout[-2000:] + out.stderr[-2000:]
+        return line.split()[1:]
+
+    cache = workdir / "compile_cache"
+    assert dirs() == [str(cache), str(cache / "dynamo"), str(cache / "wan_assets_memory_plan.json")]
+    assert dirs(TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "mine"))[0] == str(tmp_path / "mine")

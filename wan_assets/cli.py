@@ -144,6 +144,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     from wan_assets.core.train.distributed import init_from_env, shutdown
     from wan_assets.core.train.loop import train
 
+    # torch.compile's caches (and the memory plan) in the workdir rather than /tmp: a later run (or
+    # machine, with the workdir on shared storage) reuses the compiled graphs. Set before the job
+    # loads: the first import of torch._dynamo (loading the model imports it) fixes the folder, at
+    # /tmp's default when unset. A user's own setting wins.
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Workdir.open(args.workdir).compile_cache))
     workdir, job = _load(args)
     if args.experts is not None:
         job = with_experts(job, EXPERTS if args.experts == "both" else (args.experts,))
@@ -151,9 +156,6 @@ def cmd_train(args: argparse.Namespace) -> int:
     # instead of caching fixed ones keeps fragmentation from pushing a near-full card (memory mode on
     # 24 GB) out of memory. A user's own setting wins.
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
-    # torch.compile's caches in the workdir rather than /tmp: a later run (or machine, with the
-    # workdir on shared storage) reuses the compiled graphs. Read when compile first looks.
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(workdir.compile_cache))
     dist = init_from_env()  # torchrun: one process per GPU
     options = {"resume_run": args.resume, "restart_on_new_data": args.restart_on_new_data, "dist": dist}
     try:
