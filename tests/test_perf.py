@@ -577,6 +577,9 @@ def test_memory_plan_is_kept_for_the_next_run_and_the_other_expert(
     assert set(json.loads(path.read_text())) == {"card | a", "card | b"}
 
     monkeypatch.setattr(memory_plan, "_SHARED", {})
+    path.write_text(json.dumps({"card | a": {"1000": {"kept_plain": "10 GiB", "per_block": 1.0}}}))
+    assert memory.step(_planner(PlanStore(path, "card | a"), memory), 1000) == 0, "figures of the wrong kind"
+    monkeypatch.setattr(memory_plan, "_SHARED", {})
     path.write_text("{not json")
     fresh = _planner(PlanStore(path, "card | a"), memory)
     assert [memory.step(fresh, 1000) for _ in range(3)] == [0, 1, 29]

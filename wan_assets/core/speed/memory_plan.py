@@ -64,6 +64,20 @@ class _Shape:
         return self.kept_plain is not None and self.per_block is not None and not self.scaled
 
 
+def _check_figures(shape: _Shape) -> None:
+    """TypeError unless each figure read from a file is a number of the right kind (or None)."""
+    number = (int, float)
+    ok = (
+        (shape.kept_plain is None or type(shape.kept_plain) is int)
+        and (shape.per_block is None or (isinstance(shape.per_block, number) and shape.per_block > 0))
+        and type(shape.working) is int
+        and (shape.limit is None or type(shape.limit) is int)
+        and type(shape.scaled) is bool
+    )
+    if not ok:
+        raise TypeError(f"figures of the wrong kind: {shape}")
+
+
 # This process's plans: (path, key) -> the figures, shared by the planners of that key; and how many
 # token counts of each were read from the file.
 _SHARED: dict[tuple[str, str], dict[int, _Shape]] = {}
@@ -90,6 +104,8 @@ class PlanStore:
             entry = json.loads(self.path.read_text()).get(self.key, {})
             known = {f.name for f in fields(_Shape)}
             shapes = {int(t): _Shape(**{k: v for k, v in s.items() if k in known}) for t, s in entry.items()}
+            for shape in shapes.values():
+                _check_figures(shape)
         except (OSError, ValueError, TypeError, AttributeError) as exc:
             logger.warning("memory plan %s unreadable (%s): measuring afresh", self.path, exc)
             return {}
