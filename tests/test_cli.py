@@ -139,16 +139,15 @@ def test_sql_works_right_after_a_cli_training(
     assert capsys.readouterr().out.split()[-1] == "4"
 
 
-# `wan-assets train` in a fresh interpreter, with the training loop replaced by one that prints the
-# folders (a stand-in module: importing the real one would import torch._dynamo first).
+# `wan-assets train` in a fresh interpreter, its real imports included, with the job's loading
+# replaced by a stand-in that prints the folders torch.compile and the memory plan use.
 PRINT_CACHE_DIRS = """
 import sys
-import types
 
-from wan_assets.cli import main
+import wan_assets.cli as cli
 
 
-def fake_train(*args, **kwargs):
+def fake_load(args, *rest, **kwargs):
     from torch._dynamo.package import DynamoCache
     from torch._inductor.runtime.cache_dir_utils import cache_dir
 
@@ -158,8 +157,8 @@ def fake_train(*args, **kwargs):
     raise SystemExit(0)
 
 
-sys.modules["wan_assets.core.train.loop"] = types.SimpleNamespace(train=fake_train)
-sys.exit(main(sys.argv[1:]))
+cli._load = fake_load
+sys.exit(cli.main(sys.argv[1:]))
 """
 
 

@@ -141,14 +141,14 @@ def cmd_caption(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    # torch.compile's caches (and the memory plan) in the workdir rather than /tmp: a later run (or
+    # machine, with the workdir on shared storage) reuses the compiled graphs. Set before anything
+    # imports torch._dynamo (the training loop's modules do, through diffusers): that import fixes
+    # the folder, at /tmp's default when unset. A user's own setting wins.
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Workdir.open(args.workdir).compile_cache))
     from wan_assets.core.train.distributed import init_from_env, shutdown
     from wan_assets.core.train.loop import train
 
-    # torch.compile's caches (and the memory plan) in the workdir rather than /tmp: a later run (or
-    # machine, with the workdir on shared storage) reuses the compiled graphs. Set before the job
-    # loads: the first import of torch._dynamo (loading the model imports it) fixes the folder, at
-    # /tmp's default when unset. A user's own setting wins.
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Workdir.open(args.workdir).compile_cache))
     workdir, job = _load(args)
     if args.experts is not None:
         job = with_experts(job, EXPERTS if args.experts == "both" else (args.experts,))

@@ -36,6 +36,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+import diffusers
 import torch
 from diffusers import WanTransformer3DModel
 from peft.tuners.lora.layer import LoraLayer
@@ -127,12 +128,16 @@ def plan_key(transformer: WanTransformer3DModel, train: TrainConfig, device: tor
         "format": PLAN_FORMAT,
         "card": [card, total],
         "torch": torch.__version__,
-        "config": dict(transformer.config),
+        # Not diffusers' private entries (_name_or_path: the same model under another path matches).
+        "config": {k: v for k, v in dict(transformer.config).items() if not k.startswith("_")},
+        "diffusers": diffusers.__version__,
         "blocks": len(transformer.blocks),
         "block": [[n, list(t.shape), str(t.dtype), t.requires_grad] for n, t in tensors],
         "policies": [_SAVE_ATTENTION.cache_hash, _SAVE_MATMULS.cache_hash],  # type: ignore[attr-defined]
         "compile": [COMPILE_BACKEND, DYNAMIC_TOKENS],
-        "train": [train.optimizer, train.fp8_compute, train.batch_size],
+        "train": [train.optimizer, train.fp8_compute, train.batch_size, train.attention_backend],
+        # LoRA dropout has no parameters of its own: what it keeps for backward is named here.
+        "dropout": sorted({str(m) for m in block.modules() if isinstance(m, torch.nn.Dropout)}),
     }
     text = json.dumps(described, sort_keys=True, default=str)
     return f"{card} | " + hashlib.sha256(text.encode()).hexdigest()[:24]
