@@ -420,24 +420,40 @@ def test_memory_planner_measures_then_fills_memory_and_backs_off() -> None:
     assert [step(30000, per_block=GIB) for _ in range(3)] == [0, 0, 0]
 
 
+class _FakeMemory:
+    """The allocator as the planner reads it, for a step whose forward keeps `10 + count` GiB."""
+
+    def __init__(self) -> None:
+        self.allocated, self.peak = 30 * GIB, 30 * GIB
+
+    def __call__(self) -> tuple[int, int, int]:
+        return self.allocated, self.peak, 80 * GIB
+
+    def step(self, planner: MatmulPlanner, tokens: int, *, finish: bool = True) -> int:
+        count = planner.before_forward(tokens)
+        kept = tokens * (10 * GIB + count * GIB) // 1000
+        self.allocated += kept
+        planner.after_forward()
+        self.peak = self.allocated + 5 * GIB * tokens // 1000
+        self.allocated -= kept
+        if finish:
+            planner.backward_finished()
+        return count
+
+
+def _planner(store: PlanStore | None, memory: _FakeMemory) -> MatmulPlanner:
+    blocks = [torch.nn.Module() for _ in range(40)]
+    return MatmulPlanner(blocks, CPU, guess_per_token=GIB // 1000, memory=memory, store=store)
+
+
 def test_memory_planner_scales_a_new_token_count_from_a_measured_one() -> None:
     """A new token count starts from the measured one's figures per token (plus a tenth) instead of
     two probe steps, then plans on its own measurements."""
-    blocks = [torch.nn.Module() for _ in range(40)]
-    state = {"allocated": 30 * GIB, "peak": 30 * GIB}
-    planner = MatmulPlanner(
-        blocks, CPU, guess_per_token=GIB // 1000, memory=lambda: (state["allocated"], state["peak"], 80 * GIB)
-    )
+    memory = _FakeMemory()  # plain and per-block figures both grow with the tokens
+    planner = _planner(None, memory)
 
     def step(tokens: int) -> int:
-        count = planner.before_forward(tokens)
-        kept = tokens * (10 * GIB + count * GIB) // 1000  # plain and per-block both grow with tokens
-        state["allocated"] += kept
-        planner.after_forward()
-        state["peak"] = state["allocated"] + 5 * GIB * tokens // 1000
-        state["allocated"] -= kept
-        planner.backward_finished()
-        return count
+        return memory.step(planner, tokens)
 
     assert [step(1000) for _ in range(3)] == [0, 1, 29]
     # Scaled: kept 22, per block 2.2, working 11 GiB: (80 - 5.2 - 30 - 22 - 11) / 2.2 -> 5 blocks.
@@ -517,32 +533,6 @@ def test_memory_planner_plans_within_a_capped_allocator(monkeypatch: pytest.Monk
     assert planner.memory() == (28 * GIB, 29 * GIB, 130 * GIB), "free plus what the allocator holds"
     fraction["value"] = 80 / 140
     assert planner.memory() == (28 * GIB, 29 * GIB, 80 * GIB), "an 80 GiB cap on a 140 GiB card"
-
-
-class _FakeMemory:
-    """The allocator as the planner reads it, for a step whose forward keeps `10 + count` GiB."""
-
-    def __init__(self) -> None:
-        self.allocated, self.peak = 30 * GIB, 30 * GIB
-
-    def __call__(self) -> tuple[int, int, int]:
-        return self.allocated, self.peak, 80 * GIB
-
-    def step(self, planner: MatmulPlanner, tokens: int, *, finish: bool = True) -> int:
-        count = planner.before_forward(tokens)
-        kept = tokens * (10 * GIB + count * GIB) // 1000
-        self.allocated += kept
-        planner.after_forward()
-        self.peak = self.allocated + 5 * GIB * tokens // 1000
-        self.allocated -= kept
-        if finish:
-            planner.backward_finished()
-        return count
-
-
-def _planner(store: PlanStore, memory: _FakeMemory) -> MatmulPlanner:
-    blocks = [torch.nn.Module() for _ in range(40)]
-    return MatmulPlanner(blocks, CPU, guess_per_token=GIB // 1000, memory=memory, store=store)
 
 
 def test_memory_plan_is_kept_for_the_next_run_and_the_other_expert(

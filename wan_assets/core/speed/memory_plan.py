@@ -22,9 +22,10 @@ The capacity planned for is the card's memory, or less where the process's alloc
 The measured figures are kept (`PlanStore`): planners of one process with the same key (both experts
 of a run) share them, and they persist in a JSON file beside torch.compile's caches, so a second run
 of the same config on the same card plans its first step of each known token count without probing,
-and compiles (or loads) only the policies it keeps. The key covers everything the figures depend on:
-the card, torch, the block's parameters (shapes, dtypes: LoRA rank, fp8), the checkpoint policies'
-code, the optimizer; a changed one measures afresh. A limit set by an out-of-memory step persists too.
+and compiles (or loads) only the policies it keeps. The key (speed/options.plan_key) covers what the
+figures depend on: the card, torch and diffusers, the block's parameters (shapes, dtypes: LoRA rank,
+fp8), the checkpoint policies' code, the optimizer, attention backend and dropout; a changed one
+measures afresh. A limit set by an out-of-memory step persists too (whatever the allocator's cap).
 """
 
 from __future__ import annotations
@@ -263,9 +264,10 @@ def plan_summary() -> str | None:
     """One line on the memory plans of this process: token counts measured, how many came from an
     earlier run's file, and where they are kept; None when no planner ran."""
     parts = []
-    for (path, _key), shapes in _SHARED.items():
-        measured = sum(1 for s in shapes.values() if s.measured)
-        if measured or shapes:
-            read = _READ_COUNTS.get((path, _key), 0)
-            parts.append(f"{measured} token counts measured, {read} of them read from {path}")
+    for ident, shapes in _SHARED.items():
+        if shapes:
+            measured = sum(1 for s in shapes.values() if s.measured)
+            parts.append(
+                f"{measured} token counts measured, {_READ_COUNTS[ident]} of them read from {ident[0]}"
+            )
     return "memory plan: " + "; ".join(parts) if parts else None

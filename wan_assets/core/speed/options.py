@@ -118,8 +118,9 @@ def apply_training_options(
 
 def plan_key(transformer: WanTransformer3DModel, train: TrainConfig, device: torch.device) -> str:
     """What the memory planner's figures depend on (memory_plan.PlanStore), as one digest: the card,
-    torch, the model's config, one block's parameters and buffers (shapes, dtypes, which train: LoRA
-    rank and targets, fp8 copies), the checkpoint policies' code and the optimizer."""
+    torch and diffusers, the model's config, one block's parameters and buffers (shapes, dtypes, which
+    train: LoRA rank and targets, fp8 copies), the checkpoint policies' code, the compile settings,
+    the optimizer, batch size, attention backend and dropout."""
     block = transformer.blocks[0]
     tensors = [*block.named_parameters(), *block.named_buffers()]
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
