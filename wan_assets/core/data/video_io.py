@@ -21,9 +21,11 @@ _IMAGE_DEMUXERS = ("image2", "png_pipe", "jpeg_pipe", "webp_pipe", "bmp_pipe", "
 # Visually lossless for x264; generated samples are small, so quality wins over bytes.
 _CRF = 18
 # Bit-exact muxing drops the FFmpeg version tag and one encoder thread keeps the output independent
-# of the core count; still, some libx264 builds (PyAV 18.1's) give other bytes for the same frames
-# from one run to the next, so what is promised is the decoded pixels, not the bytes.
-_ENCODER_OPTIONS = {"crf": str(_CRF), "threads": "1"}
+# of the core count. x264's macroblock tree (its rate control's look-ahead) is off: in PyAV 18.1's
+# libx264 its assembly made other bytes, and now and then other pixels, for the same frames,
+# depending on what the process had encoded before (tests/test_synthetic.py); at CRF 18 it only
+# saves bits.
+_ENCODER_OPTIONS = {"crf": str(_CRF), "threads": "1", "x264-params": "mbtree=0"}
 _MUXER_OPTIONS = {"fflags": "+bitexact"}
 
 
@@ -273,7 +275,7 @@ def read_frames(path: Path | str, indices: Sequence[int]) -> np.ndarray:
 
 def write_video(path: Path | str, frames_fhwc: np.ndarray, fps: float | Fraction) -> Path:
     """Write uint8 RGB frames (F x H x W x 3, H and W even) as an H.264 yuv420p mp4, atomically.
-    The same frames and fps always decode to the same pixels."""
+    The same frames and fps always give the same bytes."""
     path = Path(path)
     _check_frames(frames_fhwc)
     _, height, width, _ = frames_fhwc.shape
