@@ -167,8 +167,11 @@ def test_train_keeps_torch_compile_caches_in_the_workdir(
 ) -> None:
     """A new `wan-assets train` process puts torch.compile's caches (inductor's, dynamo's) and the
     memory plan in <workdir>/compile_cache: set before the job loads, since importing torch._dynamo
-    (loading the model does) fixes the folder, at /tmp's default when unset. A user's own
-    TORCHINDUCTOR_CACHE_DIR wins."""
+    (loading the model does) fixes the folder, at /tmp's default when unset. Torch's default, as a
+    parent process that imported torch._dynamo hands it down (Dagster's does), is replaced; a
+    user's own TORCHINDUCTOR_CACHE_DIR wins."""
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
     from .conftest import tiny_job_raw
 
     raw = tiny_job_raw(clips_dir, tiny_model_dir, steps=4)
@@ -189,4 +192,5 @@ def test_train_keeps_torch_compile_caches_in_the_workdir(
 
     cache = workdir / "compile_cache"
     assert dirs() == [str(cache), str(cache / "dynamo"), str(cache / "wan_assets_memory_plan.json")]
+    assert dirs(TORCHINDUCTOR_CACHE_DIR=default_cache_dir())[0] == str(cache)
     assert dirs(TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "mine"))[0] == str(tmp_path / "mine")

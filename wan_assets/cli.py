@@ -140,12 +140,22 @@ def cmd_caption(args: argparse.Namespace) -> int:
     return 0
 
 
+def _use_workdir_compile_cache(workdir: Workdir) -> None:
+    """torch.compile's caches (and the memory plan) in the workdir rather than /tmp: a later run (or
+    machine, with the workdir on shared storage) reuses the compiled graphs. Set before anything
+    imports torch._dynamo (the training loop's modules do, through diffusers): that import fixes
+    the folder, at torch's /tmp default when unset, and writes it into the environment, so a parent
+    process that imported it (Dagster's, a script's) hands its children torch's default: that value
+    is replaced too. Any other setting is the user's and wins."""
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir  # imports no torch._dynamo
+
+    current = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    if current is None or os.path.abspath(current) == os.path.abspath(default_cache_dir()):
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(workdir.compile_cache)
+
+
 def cmd_train(args: argparse.Namespace) -> int:
-    # torch.compile's caches (and the memory plan) in the workdir rather than /tmp: a later run (or
-    # machine, with the workdir on shared storage) reuses the compiled graphs. Set before anything
-    # imports torch._dynamo (the training loop's modules do, through diffusers): that import fixes
-    # the folder, at /tmp's default when unset. A user's own setting wins.
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Workdir.open(args.workdir).compile_cache))
+    _use_workdir_compile_cache(Workdir.open(args.workdir))
     from wan_assets.core.train.distributed import init_from_env, shutdown
     from wan_assets.core.train.loop import train
 
