@@ -423,11 +423,11 @@ def test_memory_planner_measures_then_fills_memory_and_backs_off() -> None:
 class _FakeMemory:
     """The allocator as the planner reads it, for a step whose forward keeps `10 + count` GiB."""
 
-    def __init__(self) -> None:
-        self.allocated, self.peak = 30 * GIB, 30 * GIB
+    def __init__(self, capacity_gib: int = 80) -> None:
+        self.allocated, self.peak, self.capacity = 30 * GIB, 30 * GIB, capacity_gib * GIB
 
     def __call__(self) -> tuple[int, int, int]:
-        return self.allocated, self.peak, 80 * GIB
+        return self.allocated, self.peak, self.capacity
 
     def step(self, planner: MatmulPlanner, tokens: int, *, finish: bool = True) -> int:
         count = planner.before_forward(tokens)
@@ -540,13 +540,16 @@ def test_memory_plan_is_kept_for_the_next_run_and_the_other_expert(
 ) -> None:
     """A second process with the same key plans its first step without probing; the other expert of
     the same process shares the first one's figures; another key (another card, rank, fp8, ...)
-    measures afresh; an out-of-memory limit is kept too; an unreadable file only costs the probes."""
+    measures afresh; an out-of-memory limit is kept too, where the memory is no larger than it was;
+    an unreadable file only costs the probes."""
     path = tmp_path / "compile_cache" / "wan_assets_memory_plan.json"
     monkeypatch.setattr(memory_plan, "_SHARED", {})
     memory = _FakeMemory()
     high = _planner(PlanStore(path, "card | a"), memory)
-    assert [memory.step(high, 1000) for _ in range(3)] == [0, 1, 29]
-    assert path.is_file(), "written once the token count is measured"
+    assert [memory.step(high, 1000) for _ in range(2)] == [0, 1]
+    # Learned when the probe's backward finished, not at a next forward that may never come.
+    assert json.loads(path.read_text())["card | a"]["1000"]["per_block"] == GIB
+    assert memory.step(high, 1000) == 29
     low = _planner(PlanStore(path, "card | a"), memory)
     assert memory.step(low, 1000) == 29, "the other expert of the run: no probe of its own"
     assert memory_plan.plan_summary() == f"memory plan: 1 token counts measured, 0 of them read from {path}"
@@ -564,6 +567,9 @@ def test_memory_plan_is_kept_for_the_next_run_and_the_other_expert(
     monkeypatch.setattr(memory_plan, "_SHARED", {})
     third = _planner(PlanStore(path, "card | a"), memory)
     assert memory.step(third, 1000) == 14, "the limit an out-of-memory step set is kept"
+    monkeypatch.setattr(memory_plan, "_SHARED", {})
+    larger = _FakeMemory(capacity_gib=139)  # the same card, no allocator cap: the limit was the cap's
+    assert larger.step(_planner(PlanStore(path, "card | a"), larger), 1000) == 40
     assert set(json.loads(path.read_text())) == {"card | a", "card | b"}
 
     monkeypatch.setattr(memory_plan, "_SHARED", {})

@@ -12,10 +12,13 @@ its tokens, so its first step runs the measured figures scaled to its tokens (pe
 any measured count showed, plus a tenth), and its own measurements replace the scaled ones from then
 on (the bucket's first step is then as fast as its last, not two slower probes).
 A step that does not finish its backward (out of memory: the training step skips the batch) halves
-the count for that token count from then on. Numbers come from the CUDA caching allocator; the
-step's peak is read when its backward reaches the first block's input, since the training loop
-resets the peak at each step start, before the forward (a peak never reset only makes the plan
-smaller; one read after the reset made the working memory negative, and the plan too large).
+the count for that token count from then on, wherever the memory is no larger than that step's was
+(a limit set under a 24 GiB cap does not hold on the whole card). Numbers come from the CUDA
+caching allocator; the step's peak is read, and the step learned from, when its backward reaches
+the first block's input, since the training loop resets the peak at each step start, before the
+forward (a peak never reset only makes the plan smaller; one read after the reset made the working
+memory negative, and the plan too large). Learning there, not at the next forward, also hands each
+step's figures at once to the other expert sharing them, and keeps the run's last step's.
 The capacity planned for is the card's memory, or less where the process's allocator is capped
 (`torch.cuda.set_per_process_memory_fraction`: a smaller card's budget on a larger one).
 
@@ -58,7 +61,17 @@ class _Shape:
     per_block: float | None = None  # extra bytes per block that keeps matmuls
     working: int = 0  # peak minus what the forward kept (the backward's working memory)
     limit: int | None = None  # most blocks allowed, after a step that ran out of memory
+    limit_capacity: int | None = None  # the memory that step had: the limit holds up to it (None: always)
     scaled: bool = False  # the figures above are another token count's, scaled (not yet measured here)
+
+    def limit_with(self, capacity: int, *, default: int) -> int:
+        """The most blocks allowed with `capacity` bytes: the out-of-memory limit, unless it was set
+        with less memory (a capped allocator, a card shared with another process) than this."""
+        if self.limit is None:
+            return default
+        if self.limit_capacity is not None and capacity > self.limit_capacity + _margin(self.limit_capacity):
+            return default
+        return self.limit
 
     @property
     def measured(self) -> bool:
@@ -73,6 +86,7 @@ def _check_figures(shape: _Shape) -> None:
         and (shape.per_block is None or (isinstance(shape.per_block, number) and shape.per_block > 0))
         and type(shape.working) is int
         and (shape.limit is None or type(shape.limit) is int)
+        and (shape.limit_capacity is None or type(shape.limit_capacity) is int)
         and type(shape.scaled) is bool
     )
     if not ok:
@@ -170,9 +184,9 @@ class MatmulPlanner:
         self.memory = memory or self._cuda_memory
         self.store = store
         self.shapes: dict[int, _Shape] = store.shapes if store is not None else {}
-        self._step: tuple[_Shape, int, int] | None = None  # shape, count, allocated before forward
+        # shape, count, allocated before forward, capacity: a step whose backward has not finished
+        self._step: tuple[_Shape, int, int, int] | None = None
         self._after: int | None = None  # allocated after that forward
-        self._peak: int | None = None  # the allocator's peak when that step's backward finished
 
     def _cuda_memory(self) -> tuple[int, int, int]:
         free, total = torch.cuda.mem_get_info(self.device)
@@ -187,32 +201,36 @@ class MatmulPlanner:
         )
 
     def before_forward(self, tokens: int) -> int:
-        """Learn from the last step, choose this step's count, set the blocks' policies; the count."""
+        """Choose this step's count (after a step that never finished its backward, a halved one), set
+        the blocks' policies; the count."""
         allocated, _, capacity = self.memory()
-        self._learn()
-        if self.store is not None:
-            self.store.save_if_new()
+        if self._step is not None:
+            self._learn(peak=None)
         shape = self.shapes.setdefault(tokens, _Shape())
         count = self._choose(shape, tokens, allocated, capacity)
         for i, block in enumerate(self.blocks):
             block.wan_policy = "matmuls" if i < count else "attention"
-        self._step, self._after, self._peak = (shape, count, allocated), None, None
+        self._step, self._after = (shape, count, allocated, capacity), None
         return count
 
     def after_forward(self) -> None:
         self._after = self.memory()[0]
 
     def backward_finished(self) -> None:
-        self._peak = self.memory()[1]
+        if self._step is not None:
+            self._learn(peak=self.memory()[1])
 
-    def _learn(self) -> None:
-        if self._step is None:
-            return
-        shape, count, before = self._step
-        peak = self._peak
+    def _learn(self, *, peak: int | None) -> None:
+        assert self._step is not None, "called for a step that ran"
+        (shape, count, before, capacity), self._step = self._step, None
+        self._record(shape, count, before, capacity, peak)
+        if self.store is not None:
+            self.store.save_if_new()
+
+    def _record(self, shape: _Shape, count: int, before: int, capacity: int, peak: int | None) -> None:
         if peak is None or self._after is None:
-            if count > 0:  # out of memory (or a skipped step): never try this many again
-                shape.limit = count // 2
+            if count > 0:  # out of memory (or a skipped step): never try this many again with this memory
+                shape.limit, shape.limit_capacity = count // 2, capacity
             return
         kept = self._after - before
         working = peak - self._after
@@ -230,13 +248,12 @@ class MatmulPlanner:
             shape.per_block = max(kept - shape.kept_plain, 1) / count
 
     def _choose(self, shape: _Shape, tokens: int, allocated: int, capacity: int) -> int:
-        limit = len(self.blocks) if shape.limit is None else shape.limit
+        limit = shape.limit_with(capacity, default=len(self.blocks))
         if shape.kept_plain is None:
             self._scale_from_measured(shape, tokens)
         if shape.kept_plain is None or limit == 0:
             return 0
-        margin = 2 * GIB + capacity // 25  # fragmentation and what the measurement missed
-        room = capacity - margin - allocated - shape.kept_plain - shape.working
+        room = capacity - _margin(capacity) - allocated - shape.kept_plain - shape.working
         if shape.per_block is None:  # probe one block, and only where even a bad guess fits
             return 1 if room > 2 * self.guess_per_token * tokens else 0
         return max(0, min(limit, int(room // shape.per_block)))
@@ -258,6 +275,11 @@ class MatmulPlanner:
         shape.per_block = scaled(lambda m: m.per_block or 0.0)
         shape.working = int(scaled(lambda m: m.working))
         shape.scaled = True
+
+
+def _margin(capacity: int) -> int:
+    """Memory left unplanned: fragmentation and what the measurement missed."""
+    return 2 * GIB + capacity // 25
 
 
 def plan_summary() -> str | None:
