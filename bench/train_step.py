@@ -625,8 +625,9 @@ def snapshot_step(run, log, top: int = 12) -> list:
             total += event["size"]
             if total > peak:
                 peak, at_peak = total, list(live.values())
-        elif event["action"] == "free_completed" and event["addr"] in live:
-            total -= live.pop(event["addr"])["size"]
+        elif event["action"] == "free_completed":
+            # A block held before the step (in `base`) may be freed during it: it counts down too.
+            total -= live.pop(event["addr"])["size"] if event["addr"] in live else event["size"]
     sites: dict[str, list[int]] = {}
     for event in at_peak:
         cell = sites.setdefault(_site(event.get("frames", [])), [0, 0])
