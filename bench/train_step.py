@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import logging
 import os
 import statistics
 import sys
@@ -308,6 +309,17 @@ def run_size(mode: str, size: str, model, params, initial, job, args, ref: dict,
         return run_steps(mode, size, model, params, args, ref, log, result, step, cap_gib)
 
 
+def _forward_warnings(log) -> None:
+    """The training step's warnings (an out-of-memory step's allocator figures) into the log file too."""
+
+    class ToLog(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            log(f"    {record.name}: {record.getMessage()}")
+
+    handler = ToLog(logging.WARNING)
+    logging.getLogger("wan_assets").addHandler(handler)
+
+
 @contextmanager
 def allocator_cap(gib: float, device: torch.device):
     """The allocator of a card with `gib` GiB (0: this card's): more is an out-of-memory error."""
@@ -339,8 +351,10 @@ def run_steps(
         seconds = time.perf_counter() - began
         count = getattr(model, "wan_matmul_blocks", None)
         peak = torch.cuda.max_memory_allocated() / 2**30
+        held = torch.cuda.max_memory_reserved() / 2**30  # under a cap, what runs out is this
         log(
-            f"  {mode:9s} {size:11s} step {i}: loss {loss} {seconds:.3f} s, {peak:.1f} GiB, matmul blocks {count}"
+            f"  {mode:9s} {size:11s} step {i}: loss {loss} {seconds:.3f} s, {peak:.1f} GiB "
+            f"({held:.1f} reserved), matmul blocks {count}"
         )
         if loss is None and i >= warmup:
             result.note = "; ".join(filter(None, ["timed step skipped (out of memory)", cap]))
@@ -852,6 +866,7 @@ def main() -> None:
         f"warm-up {args.warmup}, timed {args.steps} (median)"
     )
     log(env)
+    _forward_warnings(log)
     micro_results = micro(log) if args.micro else {}
     floors = {size: kernel_floor(size, args.layers, log) for size in sizes} if args.floor else {}
     device = torch.device("cuda")
