@@ -374,7 +374,7 @@ def run_steps(
         if i >= warmup:
             times.append(seconds)
             peaks.append(peak)
-            reserved.append(torch.cuda.max_memory_reserved() / 2**30)
+            reserved.append(held)
             counts.append(count)
     if mode in args.profile.split(","):
         result.profile = profile_step(lambda: step(warmup + args.steps), log)
