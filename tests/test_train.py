@@ -4,6 +4,7 @@ routing, failure handling, and that it learns."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -267,6 +268,31 @@ def test_nonfinite_loss_skips_and_oom_gives_up(
     assert train_step(parts, state, 2).skipped == "oom"
     with pytest.raises(TrainingError, match="out of memory 3 times in a row"):
         train_step(parts, state, 3)
+
+
+def test_finite_loss_with_nonfinite_gradient_is_not_applied(
+    tmp_path: Path, tiny_cache: Path, clips_dir: Path, tiny_model_dir: Path, caplog
+) -> None:
+    """bf16 backward can overflow under a finite loss; applying that step made every LoRA weight NaN."""
+    job = parse_config(job_raw(clips_dir, tiny_model_dir, tmp_path, steps=10), workdir=tiny_cache).job
+    parts = build_parts(job, tiny_cache / "cache", torch.device("cpu"))
+    state = TrainState(run_id="test")
+    params = parts.params["high_noise"]
+    before = [p.detach().clone() for p in params]
+    overflow = params[0].register_hook(lambda grad: torch.full_like(grad, float("inf")))
+    with caplog.at_level("WARNING", logger="wan_assets.core.train.loop"):
+        result = train_step(parts, state, 0)
+    overflow.remove()
+    assert result.skipped == "nonfinite_grad" and result.loss is None and result.grad_norm is None
+    assert "step 0 (high_noise, bucket " in caplog.text and "gradient norm is inf" in caplog.text
+    assert all(torch.equal(a, b) for a, b in zip(before, params, strict=True)), "nothing applied"
+    assert all(p.grad is None for p in params)
+    assert parts.scheduler.metrics("high_noise")["loss_samples"] == 0, "statistics untouched"
+    # The next step trains as usual from the untouched weights.
+    result = train_step(parts, state, 1)
+    assert result.skipped is None and math.isfinite(result.loss) and math.isfinite(result.grad_norm)
+    assert all(torch.isfinite(p).all() for p in params)
+    assert any(not torch.equal(a, b) for a, b in zip(before, params, strict=True))
 
 
 def test_existing_run_needs_resume(

@@ -297,13 +297,28 @@ def train_step(parts: TrainParts, state: TrainState, step: int) -> StepResult:
     # 3. Gradient sync across ranks, clipping, and the stability of the clipped gradients.
     dist.sum_grads(parts.params[expert])
     grad_norm = clip_grad_norm(parts.params[expert], train.max_grad_norm)
+    mean_loss = loss_sum / train.gradient_accumulation
+    if not math.isfinite(grad_norm):
+        # A finite loss can still overflow in backward (bf16 activations, fp8 scales). Applying it
+        # would turn every LoRA weight into NaN and skip all later steps, so the step is dropped
+        # (its loss named in the warning, not in the statistics). The norm is of summed grads:
+        # every rank takes this branch.
+        parts.optimizer.zero_grad(set_to_none=True)
+        logger.warning(
+            "step %d (%s, bucket %s): loss %.4g is finite but its gradient norm is %s; step skipped",
+            step,
+            expert,
+            batch.bucket if batch is not None else "?",
+            mean_loss,
+            grad_norm,
+        )
+        return _skipped(expert, "nonfinite_grad", batch, timestep=float(torch.cat(timesteps).mean()))
     stability = parts.stability.measure(expert, parts.params[expert])
     # 4. The optimizer step at this step's scheduled rate, then the weights' moving average.
     set_lr(parts.optimizer, train, step)
     parts.optimizer.step()
     if parts.ema is not None:
         parts.ema.update()
-    mean_loss = loss_sum / train.gradient_accumulation
     # 5. The alpha schedule: this expert's statistics, and its new alpha when its phase changes.
     transition = parts.scheduler.record(step, expert, mean_loss, stability)
     if transition is not None:
