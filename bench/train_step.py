@@ -126,6 +126,7 @@ class Result:
     bound_s: float | None = None  # matmuls + attention at the measured kernel rates, nothing else
     profile: dict = field(default_factory=dict)
     peak_live: list = field(default_factory=list)
+    oom: list = field(default_factory=list)  # --oom-report: the allocator at each out-of-memory error
     note: str = ""
 
 
@@ -305,8 +306,101 @@ def run_size(mode: str, size: str, model, params, initial, job, args, ref: dict,
     torch.cuda.empty_cache()
     cap_gib = args.memory_cap if mode.startswith("memory") else 0
     cap_gib = float(dict(item.split("=") for item in args.caps.split(",") if item).get(mode, cap_gib))
-    with allocator_cap(cap_gib, device):
+    with allocator_cap(cap_gib, device), oom_report(mode in args.oom_report.split(","), log, result):
         return run_steps(mode, size, model, params, args, ref, log, result, step, cap_gib)
+
+
+_OOM_SINK: list = []  # (log, result) of the (mode, size) whose out-of-memory errors are reported
+
+
+@contextmanager
+def oom_report(enabled: bool, log, result: Result):
+    """With the allocator's history on from the first step: at each out-of-memory error (up to
+    three), what the allocator held per stream and state, the live blocks by allocation site, and
+    the large allocations and frees just before it. The training step catches the error and empties
+    the cache, so afterwards nothing is left to look at: the report is made in the allocator's
+    out-of-memory observer, at the failing request."""
+    if not enabled:
+        yield
+        return
+    if not getattr(oom_report, "attached", False):  # torch has no detach: one observer, redirected
+        torch._C._cuda_attach_out_of_memory_observer(_on_oom)
+        oom_report.attached = True  # type: ignore[attr-defined]
+    torch.cuda.memory._record_memory_history(max_entries=300_000, stacks="python")
+    _OOM_SINK[:] = [(log, result)]
+    try:
+        yield
+    finally:
+        _OOM_SINK.clear()
+        torch.cuda.memory._record_memory_history(enabled=None)
+
+
+def _on_oom(device: int, asked: int, device_allocated: int, device_free: int) -> None:
+    if not _OOM_SINK:
+        return
+    log, result = _OOM_SINK[0]
+    if len(result.oom) >= 3:
+        return
+    report = describe_oom(torch.cuda.memory._snapshot(), asked, device)
+    result.oom.append(report)
+    for line in report["lines"]:
+        log(line)
+
+
+def describe_oom(snap: dict, asked: int, device: int, top: int = 12, recent: int = 40) -> dict:
+    """Per stream: reserved, allocated, awaiting free (freed, another stream's use pending), free and
+    its largest block; live bytes by allocation site; the last large allocator events."""
+    mib = 2**20
+    streams: dict[int, dict[str, int]] = {}
+    sites: dict[str, list[int]] = {}
+    for seg in snap["segments"]:
+        if seg.get("device", device) != device:
+            continue
+        cell = streams.setdefault(
+            seg["stream"],
+            {"segments": 0, "reserved": 0, "allocated": 0, "awaiting_free": 0, "free": 0, "largest_free": 0},
+        )
+        cell["segments"] += 1
+        cell["reserved"] += seg["total_size"]
+        for block in seg["blocks"]:
+            state, size = block["state"], block["size"]
+            if state == "active_allocated":
+                cell["allocated"] += size
+                site = sites.setdefault(_site(block.get("frames", [])), [0, 0])
+                site[0] += size
+                site[1] += 1
+            elif state == "active_awaiting_free":
+                cell["awaiting_free"] += size
+            else:
+                cell["free"] += size
+                cell["largest_free"] = max(cell["largest_free"], size)
+    lines = [f"  OUT OF MEMORY asking {asked / mib:.0f} MiB; the allocator per stream (MiB):"]
+    for stream, c in sorted(streams.items()):
+        lines.append(
+            f"    stream {stream:#x}: {c['segments']} segments, reserved {c['reserved'] / mib:.0f}, "
+            f"allocated {c['allocated'] / mib:.0f}, awaiting free {c['awaiting_free'] / mib:.0f}, "
+            f"free {c['free'] / mib:.0f} (largest {c['largest_free'] / mib:.0f})"
+        )
+    rows = sorted(sites.items(), key=lambda kv: -kv[1][0])[:top]
+    lines.append("  live at the failing request, by allocation site:")
+    lines += [f"    {size / 2**30:6.2f} GiB {count:5d}x  {site}" for site, (size, count) in rows]
+    trace = [
+        e
+        for e in snap["device_traces"][device]
+        if e["action"] in ("alloc", "free_completed", "segment_alloc", "segment_free")
+        and e["size"] >= 32 * mib
+    ][-recent:]
+    lines.append(f"  the last {len(trace)} allocator events of 32 MiB or more:")
+    lines += [
+        f"    {e['action']:15s} {e['size'] / mib:7.0f} MiB stream {e.get('stream', 0):#x}  {_site(e.get('frames', []))}"
+        for e in trace
+    ]
+    return {
+        "asked_mib": asked / mib,
+        "streams": {f"{k:#x}": v for k, v in streams.items()},
+        "sites": [{"site": site, "gib": size / 2**30, "count": count} for site, (size, count) in rows],
+        "lines": lines,
+    }
 
 
 def _forward_warnings(log) -> None:
@@ -838,6 +932,9 @@ def main() -> None:
     parser.add_argument("--profile", default="", help="modes: one more step per size under the profiler")
     parser.add_argument(
         "--memory-snapshot", default="", help="modes: one more step per size, what is live at its peak"
+    )
+    parser.add_argument(
+        "--oom-report", default="", help="modes: allocator history on; at out of memory, what held the memory"
     )
     parser.add_argument("--memory-cap", type=float, default=0, help="GiB: cap the allocator in memory modes")
     parser.add_argument("--caps", default="", help="mode=GiB,...: cap the allocator in these modes")
