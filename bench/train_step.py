@@ -352,7 +352,7 @@ def describe_oom(snap: dict, asked: int, device: int, top: int = 12, recent: int
     its largest block; live bytes by allocation site; the last large allocator events."""
     mib = 2**20
     streams: dict[int, dict[str, int]] = {}
-    sites: dict[str, list[int]] = {}
+    live: list[dict] = []
     for seg in snap["segments"]:
         if seg.get("device", device) != device:
             continue
@@ -366,9 +366,7 @@ def describe_oom(snap: dict, asked: int, device: int, top: int = 12, recent: int
             state, size = block["state"], block["size"]
             if state == "active_allocated":
                 cell["allocated"] += size
-                site = sites.setdefault(_site(block.get("frames", [])), [0, 0])
-                site[0] += size
-                site[1] += 1
+                live.append(block)
             elif state == "active_awaiting_free":
                 cell["awaiting_free"] += size
             else:
@@ -381,9 +379,9 @@ def describe_oom(snap: dict, asked: int, device: int, top: int = 12, recent: int
             f"allocated {c['allocated'] / mib:.0f}, awaiting free {c['awaiting_free'] / mib:.0f}, "
             f"free {c['free'] / mib:.0f} (largest {c['largest_free'] / mib:.0f})"
         )
-    rows = sorted(sites.items(), key=lambda kv: -kv[1][0])[:top]
+    rows = _by_site(live, top)
     lines.append("  live at the failing request, by allocation site:")
-    lines += [f"    {size / 2**30:6.2f} GiB {count:5d}x  {site}" for site, (size, count) in rows]
+    lines += [_site_line(row) for row in rows]
     trace = [
         e
         for e in snap["device_traces"][device]
@@ -398,7 +396,7 @@ def describe_oom(snap: dict, asked: int, device: int, top: int = 12, recent: int
     return {
         "asked_mib": asked / mib,
         "streams": {f"{k:#x}": v for k, v in streams.items()},
-        "sites": [{"site": site, "gib": size / 2**30, "count": count} for site, (size, count) in rows],
+        "sites": rows,
         "lines": lines,
     }
 
@@ -736,18 +734,28 @@ def snapshot_step(run, log, top: int = 12) -> list:
         elif event["action"] == "free_completed":
             # A block held before the step (in `base`) may be freed during it: it counts down too.
             total -= live.pop(event["addr"])["size"] if event["addr"] in live else event["size"]
-    sites: dict[str, list[int]] = {}
-    for event in at_peak:
-        cell = sites.setdefault(_site(event.get("frames", [])), [0, 0])
-        cell[0] += event["size"]
-        cell[1] += 1
-    rows = sorted(sites.items(), key=lambda kv: -kv[1][0])[:top]
+    rows = _by_site(at_peak, top)
     log(
         f"  memory at the step's peak: {(base + peak) / 2**30:.2f} GiB ({base / 2**30:.2f} held before the step)"
     )
-    for site, (size, count) in rows:
-        log(f"    {size / 2**30:6.2f} GiB {count:5d}x  {site}")
+    for row in rows:
+        log(_site_line(row))
+    return rows
+
+
+def _by_site(blocks: list[dict], top: int) -> list[dict]:
+    """Allocator blocks or trace events (`size`, `frames`) summed by allocation site, largest first."""
+    sites: dict[str, list[int]] = {}
+    for block in blocks:
+        cell = sites.setdefault(_site(block.get("frames", [])), [0, 0])
+        cell[0] += block["size"]
+        cell[1] += 1
+    rows = sorted(sites.items(), key=lambda kv: -kv[1][0])[:top]
     return [{"site": site, "gib": size / 2**30, "count": count} for site, (size, count) in rows]
+
+
+def _site_line(row: dict) -> str:
+    return f"    {row['gib']:6.2f} GiB {row['count']:5d}x  {row['site']}"
 
 
 def _site(frames: list[dict]) -> str:

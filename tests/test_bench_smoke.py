@@ -78,3 +78,47 @@ def test_cache_throughput_bench_prefetch_keeps_the_cache(
     assert serial["clips"] == overlapped["clips"] == 2
     assert serial["fingerprint"] == overlapped["fingerprint"]
     assert 0 < serial["vae_busy"] <= 1
+
+
+def test_oom_report_reads_the_allocator_snapshot() -> None:
+    """--oom-report's summary of an allocator snapshot (the GPU writes it only at an out-of-memory
+    error): per stream reserved / allocated / awaiting free / free, and live bytes by site."""
+    bench = _bench("train_step")
+    frames = [{"filename": "/x/torch/cuda/memory.py", "line": 1, "name": "inner"}]
+    frames += [{"filename": "/repo/wan_assets/core/speed/offload.py", "line": 7, "name": "prefetch"}]
+    mib = 2**20
+    snapshot = {
+        "segments": [
+            {
+                "device": 0,
+                "stream": 0,
+                "total_size": 400 * mib,
+                "blocks": [
+                    {"state": "active_allocated", "size": 200 * mib, "frames": frames},
+                    {"state": "active_allocated", "size": 100 * mib, "frames": frames},
+                    {"state": "active_awaiting_free", "size": 60 * mib},
+                    {"state": "inactive", "size": 40 * mib},
+                ],
+            },
+            {
+                "device": 0,
+                "stream": 7,
+                "total_size": 64 * mib,
+                "blocks": [{"state": "inactive", "size": 64 * mib}],
+            },
+            {"device": 1, "stream": 0, "total_size": 999 * mib, "blocks": []},
+        ],
+        "device_traces": [[{"action": "alloc", "size": 200 * mib, "stream": 0, "frames": frames}], []],
+    }
+    report = bench.describe_oom(snapshot, 646 * mib, 0)
+    assert report["streams"]["0x0"] == {
+        "segments": 1,
+        "reserved": 400 * mib,
+        "allocated": 300 * mib,
+        "awaiting_free": 60 * mib,
+        "free": 40 * mib,
+        "largest_free": 40 * mib,
+    }
+    assert report["streams"]["0x7"]["free"] == 64 * mib  # device 1's segment counted nowhere (0x0 above)
+    assert report["sites"] == [{"site": "offload.py:7 prefetch", "gib": 300 / 1024, "count": 2}]
+    assert "OUT OF MEMORY asking 646 MiB" in report["lines"][0]
