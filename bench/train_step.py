@@ -599,7 +599,7 @@ def profile_step(run, log, top: int = 14) -> dict:
 
     torch.cuda.synchronize()
     began = time.perf_counter()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:
         run()
         torch.cuda.synchronize()
     wall_ms = 1000 * (time.perf_counter() - began)
@@ -642,7 +642,54 @@ def profile_step(run, log, top: int = 14) -> dict:
         out["ops"].append(row)
         log(f"    {row['ms']:8.1f} ms {row['calls']:6d}x  {row['op']}")
     out["idle"] = idle_gaps(gpu, events, wall_ms, log)
+    out["copies"] = copy_sources(gpu, events, log)
     return out
+
+
+def copy_sources(gpu: list[dict], events: list[dict], log, top: int = 8) -> list[dict]:
+    """The copies (memcpy / memset) by kind, size and the host operations that launched them.
+
+    Each GPU copy is matched to its runtime call through the correlation id, and the runtime call to
+    the host operations open around it on its thread (innermost first, with the innermost
+    operation's input shapes): what a device-to-device copy is for shows there, not in the kernel
+    name.
+    """
+    copies = [e for e in gpu if e.get("cat") in ("gpu_memcpy", "gpu_memset")]
+    wanted = {e["args"].get("correlation"): e for e in copies if "args" in e}
+    launched: dict[int, list[dict]] = {}  # correlation -> the host operations around its runtime call
+    by_thread: dict[tuple, list[dict]] = {}
+    for e in events:
+        if e.get("ph") == "X" and e.get("cat") in ("cpu_op", "user_annotation", "cuda_runtime"):
+            by_thread.setdefault((e.get("pid"), e.get("tid")), []).append(e)
+    for thread in by_thread.values():
+        stack: list[dict] = []
+        for e in sorted(thread, key=lambda e: (e["ts"], -e.get("dur", 0))):
+            while stack and stack[-1]["ts"] + stack[-1].get("dur", 0) <= e["ts"]:
+                stack.pop()
+            correlation = e.get("args", {}).get("correlation")
+            if e["cat"] == "cuda_runtime" and correlation in wanted:
+                launched[correlation] = [o for o in reversed(stack) if o["cat"] != "cuda_runtime"]
+            stack.append(e)
+    groups: dict[tuple, list] = {}
+    for correlation, copy in wanted.items():
+        ops = launched.get(correlation, [])
+        chain = " < ".join(o["name"][:40] for o in ops[:5] if not o["name"].startswith("ProfilerStep"))
+        shapes = str(ops[0].get("args", {}).get("Input Dims", ""))[:80] if ops else ""
+        key = (copy["name"], copy["args"].get("bytes", 0), chain, shapes)
+        row = groups.setdefault(key, [0, 0.0])
+        row[0] += 1
+        row[1] += copy.get("dur", 0) / 1000
+    rows = [
+        {"copy": name, "mib": size / 2**20, "calls": calls, "ms": ms, "host": chain, "shapes": shapes}
+        for (name, size, chain, shapes), (calls, ms) in sorted(groups.items(), key=lambda kv: -kv[1][1])
+    ][:top]
+    if rows:
+        log("  copies by size and what launched them:")
+    for r in rows:
+        log(
+            f"    {r['ms']:8.1f} ms {r['calls']:5d}x {r['mib']:8.1f} MiB  {r['copy']}; {r['host'] or '?'} {r['shapes']}"
+        )
+    return rows
 
 
 GPU_EVENT_KINDS = ("kernel", "gpu_memcpy", "gpu_memset")
@@ -680,7 +727,12 @@ def idle_gaps(gpu: list[dict], events: list[dict], wall_ms: float, log, top: int
         # Innermost first: the shortest operations that still cover the gap say what the host was in.
         names = [n[:60] for n, _ in sorted(overlaps.items(), key=lambda kv: kv[1])[:4]]
         rows.append({"at_ms": (a - first) / 1000, "ms": (b - a) / 1000, "host": names})
+    streams: dict[str, float] = {}  # GPU time per stream (overlapping kernels counted once each)
+    for e in gpu:
+        stream = str(e.get("args", {}).get("stream", e.get("tid")))
+        streams[stream] = streams.get(stream, 0.0) + e.get("dur", 0) / 1000
     idle = {
+        "streams_ms": streams,
         "span_ms": (last - first) / 1000,
         "busy_ms": busy / 1000,
         "idle_ms": (last - first - busy) / 1000,
@@ -690,7 +742,8 @@ def idle_gaps(gpu: list[dict], events: list[dict], wall_ms: float, log, top: int
     }
     log(
         f"  idle: GPU busy {idle['busy_ms']:.0f} of {idle['span_ms']:.0f} ms between first and last kernel "
-        f"(step wall {wall_ms:.0f} ms under the profiler); {idle['gaps_over_1ms']} gaps over 1 ms"
+        f"(step wall {wall_ms:.0f} ms under the profiler); {idle['gaps_over_1ms']} gaps over 1 ms; per stream "
+        + ", ".join(f"{k}: {v:.0f} ms" for k, v in sorted(streams.items(), key=lambda kv: -kv[1]))
     )
     for row in rows:
         log(

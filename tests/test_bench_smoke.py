@@ -122,3 +122,48 @@ def test_oom_report_reads_the_allocator_snapshot() -> None:
     assert report["streams"]["0x7"]["free"] == 64 * mib  # device 1's segment counted nowhere (0x0 above)
     assert report["sites"] == [{"site": "offload.py:7 prefetch", "gib": 300 / 1024, "count": 2}]
     assert "OUT OF MEMORY asking 646 MiB" in report["lines"][0]
+
+
+def test_profile_names_what_launched_each_copy() -> None:
+    """--profile's copy breakdown: each GPU copy is traced through its correlation id to the runtime
+    call, and from there to the host operations open around it on its thread, innermost first."""
+    bench = _bench("train_step")
+
+    def op(name, ts, dur, cat="cpu_op", tid=1, **args):
+        return {"ph": "X", "cat": cat, "name": name, "ts": ts, "dur": dur, "pid": 0, "tid": tid, "args": args}
+
+    mib = 2**20
+    events = [
+        op("_OffloadedBlockBackward", 0, 100),
+        op("aten::clone", 10, 20, **{"Input Dims": [[21504, 5120]]}),
+        op("aten::copy_", 12, 10, **{"Input Dims": [[21504, 5120], [21504, 5120]]}),
+        op("cudaMemcpyAsync", 14, 2, cat="cuda_runtime", correlation=5),
+        op("aten::copy_", 40, 10),  # a second copy, outside the clone
+        op("cudaMemcpyAsync", 42, 2, cat="cuda_runtime", correlation=6),
+        op("aten::to", 10, 20, tid=2),  # another thread's operation at the same time: not around it
+        op(
+            "Memcpy DtoD (Device -> Device)", 20, 140, cat="gpu_memcpy", tid=7, correlation=5, bytes=210 * mib
+        ),
+        op("Memcpy DtoD (Device -> Device)", 50, 4, cat="gpu_memcpy", tid=7, correlation=6, bytes=mib),
+        op(
+            "Memcpy DtoD (Device -> Device)",
+            60,
+            140,
+            cat="gpu_memcpy",
+            tid=7,
+            correlation=99,
+            bytes=210 * mib,
+        ),
+    ]
+    gpu = [e for e in events if e["cat"] == "gpu_memcpy"]
+    lines: list[str] = []
+    rows = bench.copy_sources(gpu, events, lines.append)
+    first = rows[0]
+    assert first["host"] == "aten::copy_ < aten::clone < _OffloadedBlockBackward"
+    assert first["mib"] == 210 and first["calls"] == 1 and first["ms"] == 0.14
+    assert "[[21504, 5120], [21504, 5120]]" in first["shapes"]
+    assert {r["host"] for r in rows[1:]} == {
+        "aten::copy_ < _OffloadedBlockBackward",
+        "",
+    }  # 99: no runtime call
+    assert len(lines) == 4 and "210.0 MiB" in lines[1]
