@@ -437,6 +437,7 @@ def run_steps(
     for i in range(warmup + args.steps):
         torch.cuda.reset_peak_memory_stats()  # per step, as the training loop does
         torch.cuda.synchronize()
+        before = _allocator_events()
         began = time.perf_counter()
         loss = step(i)
         torch.cuda.synchronize()
@@ -444,9 +445,11 @@ def run_steps(
         count = getattr(model, "wan_matmul_blocks", None)
         peak = torch.cuda.max_memory_allocated() / 2**30
         held = torch.cuda.max_memory_reserved() / 2**30  # under a cap, what runs out is this
+        events = {k: v - before[k] for k, v in _allocator_events().items() if v != before[k]}
         log(
             f"  {mode:9s} {size:11s} step {i}: loss {loss} {seconds:.3f} s, {peak:.1f} GiB "
-            f"({held:.1f} reserved), matmul blocks {count}"
+            f"({held:.1f} reserved), matmul blocks {count}; allocator: "
+            + (", ".join(f"{k} {v}" for k, v in events.items()) or "no device calls")
         )
         if loss is None and i >= warmup:
             result.note = "; ".join(filter(None, ["timed step skipped (out of memory)", cap]))
@@ -487,6 +490,15 @@ def run_steps(
     if cap:
         result.note = f"{cap}; reserved {result.reserved_gib:.1f} GiB"
     return result
+
+
+def _allocator_events() -> dict[str, int]:
+    """The CUDA allocator's counters of what stalls a step: cudaMalloc / cudaFree (or, with expandable
+    segments, mapping and unmapping), a retry after freeing the cache, a synchronization of all
+    streams (a cudaFree waits for the device, and the host then refills an empty queue)."""
+    stats = torch.cuda.memory_stats()
+    names = ("num_device_alloc", "num_device_free", "num_alloc_retries", "num_sync_all_streams", "num_ooms")
+    return {name.removeprefix("num_"): int(stats.get(name, 0)) for name in names}
 
 
 def setup_mode(mode: str, model, job, device: torch.device | None = None) -> str:
@@ -643,6 +655,9 @@ def profile_step(run, log, top: int = 14) -> dict:
         log(f"    {row['ms']:8.1f} ms {row['calls']:6d}x  {row['op']}")
     out["idle"] = idle_gaps(gpu, events, wall_ms, log)
     out["copies"] = copy_sources(gpu, events, log)
+    out["stream_gaps"] = stream_gaps(
+        [e for e in gpu if e.get("cat") == "kernel" or "Memcpy DtoD" in e["name"]], events, log
+    )
     return out
 
 
@@ -656,24 +671,11 @@ def copy_sources(gpu: list[dict], events: list[dict], log, top: int = 8) -> list
     """
     copies = [e for e in gpu if e.get("cat") in ("gpu_memcpy", "gpu_memset")]
     wanted = {e["args"].get("correlation"): e for e in copies if "args" in e}
-    launched: dict[int, list[dict]] = {}  # correlation -> the host operations around its runtime call
-    by_thread: dict[tuple, list[dict]] = {}
-    for e in events:
-        if e.get("ph") == "X" and e.get("cat") in ("cpu_op", "user_annotation", "cuda_runtime"):
-            by_thread.setdefault((e.get("pid"), e.get("tid")), []).append(e)
-    for thread in by_thread.values():
-        stack: list[dict] = []
-        for e in sorted(thread, key=lambda e: (e["ts"], -e.get("dur", 0))):
-            while stack and stack[-1]["ts"] + stack[-1].get("dur", 0) <= e["ts"]:
-                stack.pop()
-            correlation = e.get("args", {}).get("correlation")
-            if e["cat"] == "cuda_runtime" and correlation in wanted:
-                launched[correlation] = [o for o in reversed(stack) if o["cat"] != "cuda_runtime"]
-            stack.append(e)
+    launched = launch_stacks(events, set(wanted))
     groups: dict[tuple, list] = {}
     for correlation, copy in wanted.items():
-        ops = launched.get(correlation, [])
-        chain = " < ".join(o["name"][:40] for o in ops[:5] if not o["name"].startswith("ProfilerStep"))
+        ops = launched[correlation]["ops"] if correlation in launched else []
+        chain = _chain(ops)
         shapes = str(ops[0].get("args", {}).get("Input Dims", ""))[:80] if ops else ""
         key = (copy["name"], copy["args"].get("bytes", 0), chain, shapes)
         row = groups.setdefault(key, [0, 0.0])
@@ -690,6 +692,76 @@ def copy_sources(gpu: list[dict], events: list[dict], log, top: int = 8) -> list
             f"    {r['ms']:8.1f} ms {r['calls']:5d}x {r['mib']:8.1f} MiB  {r['copy']}; {r['host'] or '?'} {r['shapes']}"
         )
     return rows
+
+
+def launch_stacks(events: list[dict], correlations: set) -> dict[int, dict]:
+    """For GPU work's correlation ids: the runtime call that launched it ("call") and the host
+    operations open around that call on its thread ("ops", innermost first)."""
+    by_thread: dict[tuple, list[dict]] = {}
+    for e in events:
+        if e.get("ph") == "X" and e.get("cat") in ("cpu_op", "user_annotation", "cuda_runtime"):
+            by_thread.setdefault((e.get("pid"), e.get("tid")), []).append(e)
+    found: dict[int, dict] = {}
+    for thread in by_thread.values():
+        stack: list[dict] = []
+        for e in sorted(thread, key=lambda e: (e["ts"], -e.get("dur", 0))):
+            while stack and stack[-1]["ts"] + stack[-1].get("dur", 0) <= e["ts"]:
+                stack.pop()
+            correlation = e.get("args", {}).get("correlation")
+            if e["cat"] == "cuda_runtime" and correlation in correlations:
+                ops = [o for o in reversed(stack) if o["cat"] != "cuda_runtime"]
+                found[correlation] = {"call": e, "ops": ops}
+            stack.append(e)
+    return found
+
+
+def _chain(ops: list[dict], depth: int = 5) -> str:
+    return " < ".join(o["name"][:40] for o in ops[:depth] if not o["name"].startswith("ProfilerStep"))
+
+
+def stream_gaps(gpu: list[dict], events: list[dict], log, top: int = 8) -> dict:
+    """The busiest stream's idle time, split by what its next kernel waited for.
+
+    A gap before a kernel launched after the previous kernel had ended is the host's (the queue ran
+    empty: launch overhead, a host synchronization, an allocation); one before a kernel already queued
+    is the device's (an event from another stream, a launch's own latency). Host gaps are summed by
+    the host operations that launched the kernel after them.
+    """
+    streams: dict[object, list[dict]] = {}
+    for e in gpu:
+        streams.setdefault(e.get("args", {}).get("stream", e.get("tid")), []).append(e)
+    if not streams:
+        return {}
+    busiest = max(streams.values(), key=lambda es: sum(e.get("dur", 0) for e in es))
+    busiest.sort(key=lambda e: e["ts"])
+    launches = launch_stacks(events, {e.get("args", {}).get("correlation") for e in busiest})
+    host_us = device_us = 0.0
+    by_site: dict[str, list] = {}
+    end = busiest[0]["ts"] + busiest[0].get("dur", 0)
+    for e in busiest[1:]:
+        gap = e["ts"] - end
+        if gap > 0:
+            launch = launches.get(e.get("args", {}).get("correlation"))
+            if launch is not None and launch["call"]["ts"] >= end:
+                host_us += gap
+                row = by_site.setdefault(_chain(launch["ops"], 3) or launch["call"]["name"], [0, 0.0])
+                row[0] += 1
+                row[1] += gap
+            else:
+                device_us += gap
+        end = max(end, e["ts"] + e.get("dur", 0))
+    sites = [
+        {"host": site, "gaps": n, "ms": us / 1000}
+        for site, (n, us) in sorted(by_site.items(), key=lambda kv: -kv[1][1])[:top]
+    ]
+    out = {"host_ms": host_us / 1000, "device_ms": device_us / 1000, "host_sites": sites}
+    log(
+        f"  compute stream idle: {out['host_ms']:.0f} ms waiting for the host (kernel launched after the "
+        f"previous one ended), {out['device_ms']:.0f} ms with the next kernel queued; host gaps by launcher:"
+    )
+    for r in sites:
+        log(f"    {r['ms']:8.1f} ms {r['gaps']:6d} gaps  {r['host']}")
+    return out
 
 
 GPU_EVENT_KINDS = ("kernel", "gpu_memcpy", "gpu_memset")

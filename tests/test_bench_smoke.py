@@ -167,3 +167,28 @@ def test_profile_names_what_launched_each_copy() -> None:
         "",
     }  # 99: no runtime call
     assert len(lines) == 4 and "210.0 MiB" in lines[1]
+
+
+def test_profile_splits_the_compute_streams_idle_time_by_what_it_waited_for() -> None:
+    """A gap before a kernel launched after the previous one ended is the host's, summed by the host
+    operations that launched it; a gap before a kernel already queued is the device's."""
+    bench = _bench("train_step")
+
+    def ev(name, ts, dur, cat, tid=1, **args):
+        return {"ph": "X", "cat": cat, "name": name, "ts": ts, "dur": dur, "pid": 0, "tid": tid, "args": args}
+
+    events = [
+        ev("Optimizer.step", 0, 200, "cpu_op"),
+        ev("cudaLaunchKernel", 1, 1, "cuda_runtime", correlation=1),
+        ev("cudaLaunchKernel", 2, 1, "cuda_runtime", correlation=2),  # queued early: waits on the device
+        ev("aten::empty_strided", 20, 40, "cpu_op"),  # the host stalls here
+        ev("cudaLaunchKernel", 70, 1, "cuda_runtime", correlation=3),
+        ev("k1", 5, 10, "kernel", tid=7, stream=7, correlation=1),
+        ev("k2", 25, 10, "kernel", tid=7, stream=7, correlation=2),  # 10 us gap, device side
+        ev("k3", 75, 10, "kernel", tid=7, stream=7, correlation=3),  # 40 us gap, host side
+        ev("side", 0, 5, "kernel", tid=9, stream=9, correlation=4),  # a less busy stream: ignored
+    ]
+    gpu = [e for e in events if e["cat"] == "kernel"]
+    out = bench.stream_gaps(gpu, events, lambda line: None)
+    assert out["device_ms"] == 0.010 and out["host_ms"] == 0.040
+    assert out["host_sites"] == [{"host": "Optimizer.step", "gaps": 1, "ms": 0.040}]
