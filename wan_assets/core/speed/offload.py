@@ -118,6 +118,13 @@ class _OffloadedBlock(torch.autograd.Function):
         ctx.slot = call.offloader.store(hidden)
         ctx.rng = _RngState(hidden.device)
         ctx.autocast = _autocast_state(hidden.device.type)
+        if not hidden.requires_grad:
+            # The first block's input (the frozen patch embedding's output). A compiled half guards
+            # on its input's requires_grad, so it is handed in as a leaf that asks for grad (under
+            # no_grad: no graph, no copy), the graph every other half runs. Making the embedding's
+            # output itself ask for grad would keep it, and its gradient, on the GPU for the whole
+            # step: a token x width tensor twice, at 480x832x81 the margin of a 24 GiB card.
+            hidden = hidden.detach().requires_grad_(True)
         with torch.no_grad():
             return call.block(hidden, *call.rest)
 
@@ -125,7 +132,8 @@ class _OffloadedBlock(torch.autograd.Function):
     def backward(ctx, grad_out: torch.Tensor):
         call = ctx.call
         wants_hidden = ctx.needs_input_grad[1]
-        hidden = call.offloader.load(ctx.slot).detach().requires_grad_(wants_hidden)
+        # Asking for grad whether or not its gradient is wanted: the same compiled graph for every half.
+        hidden = call.offloader.load(ctx.slot).detach().requires_grad_(True)
         params = [p for p, needs in zip(call.params, ctx.needs_input_grad[2:], strict=True) if needs]
         with ctx.rng.restored(), torch.enable_grad(), torch.autocast(**ctx.autocast):
             out = call.block(hidden, *call.rest)

@@ -104,7 +104,7 @@ def apply_training_options(
     hooks = [transformer.register_forward_pre_hook(hook, with_kwargs=True)]
     if planner is not None:
         hooks.append(transformer.register_forward_hook(functools.partial(_after_forward, planner=planner)))
-    if train.compile:
+    if train.compile and mode != "offload":  # offloaded halves see a grad-requiring input anyway (offload.py)
         first = functools.partial(_first_block_input_needs_grad, planner=planner)
         hooks.append(transformer.patch_embedding.register_forward_hook(first))
     transformer._wan_perf_hooks = hooks
