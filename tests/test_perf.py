@@ -608,22 +608,27 @@ def test_offload_keeps_nothing_of_the_patch_embedding(
 ) -> None:
     """Under offload + compile the patch embedding's output is not made to ask for grad (it would be
     kept, and its gradient made, for the whole step: one token x width tensor twice on the GPU), and
-    the first block still runs the graphs every other block runs: one per half and grad mode."""
+    the first block still runs the graphs every other block runs: three blocks compile as many
+    graphs as one."""
     import weakref
 
-    counter = CompileCounterWithBackend("aot_eager")
-    monkeypatch.setattr(speed_options, "COMPILE_BACKEND", counter)
-    torch._dynamo.reset()
-    model = copy.deepcopy(expert)
-    speed_options.apply_training_options(
-        model, TrainConfig(gradient_checkpointing=True, activation_offload=True, compile=True), MODEL, CPU
-    )
-    model.train()
-    embedded = []
-    model.patch_embedding.register_forward_hook(lambda m, a, out: embedded.append(weakref.ref(out)))
-    out = model(**inputs(), return_dict=False)[0]
-    assert embedded[0]() is None, "the patch embedding's output outlived the forward"
-    out.sum().backward()
-    assert counter.frame_count == 4, counter.frame_count  # 2 halves x (no-grad forward, recompute)
-    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters() if p.requires_grad)
-    torch._dynamo.reset()
+    def compiled_graphs(layers: int) -> int:
+        counter = CompileCounterWithBackend("aot_eager")
+        monkeypatch.setattr(speed_options, "COMPILE_BACKEND", counter)
+        torch._dynamo.reset()
+        model = copy.deepcopy(expert)
+        model.blocks = model.blocks[:layers]
+        train = TrainConfig(gradient_checkpointing=True, activation_offload=True, compile=True)
+        speed_options.apply_training_options(model, train, MODEL, CPU)
+        model.train()
+        embedded = []
+        model.patch_embedding.register_forward_hook(lambda m, a, out: embedded.append(weakref.ref(out)))
+        out = model(**inputs(), return_dict=False)[0]
+        assert embedded[0]() is None, "the patch embedding's output outlived the forward"
+        out.sum().backward()
+        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters() if p.requires_grad)
+        torch._dynamo.reset()
+        return counter.frame_count
+
+    assert len(expert.blocks) == 3
+    assert compiled_graphs(3) == compiled_graphs(1)
