@@ -238,6 +238,72 @@ def test_adamw8bit_quantizes_only_large_tensors() -> None:
     assert type(opt.state[small]["exp_avg"]) is torch.Tensor
 
 
+def test_adamw8bit_steps_as_torchao_does_in_a_few_calls(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The batched 8-bit AdamW gives torchao's AdamW8bit parameters and moments bit for bit, with
+    chunks that cross tensor boundaries, a tensor torchao leaves unquantized, an expert whose grads
+    are None, and a resume from the saved state in the middle; its compiled update runs once per
+    chunk, not once per tensor."""
+    from torchao.optim import AdamW8bit
+
+    from wan_assets.core.train import optim
+
+    def bf16(p: torch.nn.Parameter) -> torch.nn.Parameter:
+        return torch.nn.Parameter(p.detach().to(torch.bfloat16))
+
+    def make() -> dict[str, list[torch.nn.Parameter]]:
+        shapes = [(16, 512), (512, 16), (8, 1024), (1024, 8), (3, 5)]  # the last one: plain moments
+        return {
+            "high_noise": [bf16(_param(*shape, seed=i)) for i, shape in enumerate(shapes)],
+            "low_noise": [bf16(_param(16, 256, seed=9))],
+        }
+
+    def grads(params: dict, step: int) -> None:
+        for i, p in enumerate(params["high_noise"]):
+            g = torch.Generator().manual_seed(100 * step + i)
+            p.grad = (torch.randn(p.shape, generator=g) * 1e-2).to(p.dtype)
+        for p in params["low_noise"]:
+            p.grad = None  # the paused expert
+
+    # 32 K quantized elements in chunks of 3 K: eleven chunks, two of them across two tensors.
+    monkeypatch.setattr(optim._batched_adamw8bit(), "CHUNK", 3072)
+    calls = []
+    compile_ = torch.compile
+
+    def counted(fn, **kwargs):
+        compiled = compile_(fn, **kwargs)
+        return lambda *args: calls.append(fn) or compiled(*args)
+
+    monkeypatch.setattr(torch, "compile", counted)
+    ours_params, theirs_params = make(), make()
+    ours = build_optimizer(_train("adamw8bit", lr=1e-3, weight_decay=0.01), ours_params)
+    groups = [{"params": theirs_params[e], "lr": 1e-3} for e in ("high_noise", "low_noise")]
+    theirs = AdamW8bit(groups, betas=ours.defaults["betas"], eps=ours.defaults["eps"], weight_decay=0.01)
+    for step in range(4):
+        if step == 2:  # resume: a fresh optimizer from the saved state, as a killed run restarts
+            saved = _roundtrip(ours.state_dict())
+            ours = build_optimizer(_train("adamw8bit", lr=1e-3, weight_decay=0.01), ours_params)
+            load_optimizer_state(ours, saved, torch.device("cpu"))
+        grads(ours_params, step)
+        grads(theirs_params, step)
+        calls.clear()
+        ours.step()
+        assert len(calls) == 11 + 1, len(calls)  # the chunks and the unquantized tensor
+        theirs.step()
+        for a, b in zip(ours_params["high_noise"], theirs_params["high_noise"], strict=True):
+            assert torch.equal(a, b), (step, a.shape)
+            for name in ("exp_avg", "exp_avg_sq"):
+                mine, torchaos = ours.state[a][name], theirs.state[b][name]
+                assert type(mine) is type(torchaos)
+                assert torch.equal(
+                    mine.dequantize() if hasattr(mine, "dequantize") else mine,
+                    torchaos.dequantize() if hasattr(torchaos, "dequantize") else torchaos,
+                )
+            assert float(ours.state[a]["step"]) == step + 1
+    assert not ours.state[ours_params["low_noise"][0]]  # never stepped: no state
+    big = ours_params["high_noise"][0]
+    assert type(ours.state[big]["exp_avg"]).__name__ == "OptimState8bit"
+
+
 # --- gradient stability ------------------------------------------------------------------------------
 
 

@@ -10,8 +10,9 @@ once `torchao.optim` is imported: build the optimizer before loading a run's `_s
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor
@@ -90,13 +91,184 @@ def _adamw(groups: list[dict[str, Any]], opt: OptimizerParams) -> torch.optim.Op
 
 
 def _adamw8bit(groups: list[dict[str, Any]], opt: OptimizerParams) -> torch.optim.Optimizer:
-    # Imported here: importing torchao costs seconds and logs warnings that other optimizers never need.
-    from torchao.optim import AdamW8bit
-
     # torchao quantizes the two moments of tensors with >= 4096 elements and a multiple of block_size
     # (256); smaller tensors keep plain moments in the param dtype. Its step is torch.compile'd, which
     # on CPU needs a C++ compiler and takes tens of seconds on first use.
-    return AdamW8bit(groups, betas=opt.betas, eps=opt.eps_or(1e-8), weight_decay=opt.weight_decay)
+    return _batched_adamw8bit()(groups, betas=opt.betas, eps=opt.eps_or(1e-8), weight_decay=opt.weight_decay)
+
+
+@functools.cache
+def _batched_adamw8bit() -> type:
+    """torchao's AdamW8bit, stepping its quantized tensors in a few calls instead of one per tensor.
+
+    torchao calls its compiled update once per parameter. A rank-64 LoRA of an A14B expert has 800
+    tensors, and each call costs the host about half a millisecond (the state subclasses are
+    flattened and unflattened around the compiled graph) while the GPU does microseconds of work: on
+    an H100 the step's end sat mostly idle for about 0.6 s of a 6 s step (bench/README.md, issue 20).
+
+    Here the two moments of all quantized tensors stepped together live in four flat buffers (codes
+    and block scales), each parameter's state a torchao OptimState8bit viewing its part, so
+    `state_dict` and `_state.pt` are torchao's. A step concatenates the parameters and gradients,
+    runs torchao's own `single_param_adam` on chunks of CHUNK elements (blocks stay aligned: every
+    quantized tensor is a multiple of the block size), and copies the parameters back. The
+    arithmetic is torchao's element for element; the other tensors step as torchao steps them.
+    """
+    # Imported here: importing torchao costs seconds and logs warnings that other optimizers never need.
+    from torchao.optim import AdamW8bit
+    from torchao.optim.adam import single_param_adam
+    from torchao.optim.subclass_8bit import OptimState8bit
+
+    class BatchedAdamW8bit(AdamW8bit):
+        CHUNK = 1 << 24  # elements per compiled call (its fp32 work stays inside the fused kernels)
+
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            self._batches: dict[tuple[int, ...], _FlatStates] = {}
+
+        def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+            super().load_state_dict(state_dict)
+            self._batches.clear()  # the loaded states are tensors of their own; gathered at the next step
+
+        @torch.no_grad()
+        def step(self, closure=None):  # type: ignore[override]
+            loss = None
+            if closure is not None:
+                with torch.enable_grad():
+                    loss = closure()
+            with torch._dynamo.utils.disable_cache_limit():
+                for group in self.param_groups:
+                    stepped = [p for p in group["params"] if p.grad is not None]
+                    for p in stepped:
+                        if p.grad.is_sparse:
+                            raise RuntimeError("Sparse gradient is not supported")
+                        if not self.state[p]:
+                            self._init_state(p, group)
+                    batches: dict[tuple, list[Tensor]] = {}
+                    for p in stepped:
+                        state = self.state[p]
+                        if isinstance(state["exp_avg"], OptimState8bit) and not group["amsgrad"]:
+                            key = (p.dtype, p.device, float(state["step"]))
+                            batches.setdefault(key, []).append(p)
+                        else:
+                            self._step_one(p, group)
+                    for params in batches.values():
+                        self._step_batch(params, group)
+            return loss
+
+        def _init_state(self, p: Tensor, group: dict[str, Any]) -> None:
+            state = self.state[p]
+            state["step"] = torch.tensor(0.0)
+            state["exp_avg"] = self._new_buffer(p, True)
+            state["exp_avg_sq"] = self._new_buffer(p, False)
+            if group["amsgrad"]:
+                state["max_exp_avg_sq"] = self._new_buffer(p, False)
+
+        def _step_one(self, p: Tensor, group: dict[str, Any]) -> None:
+            """torchao's own per-tensor step (its loop body, for the tensors it keeps unquantized)."""
+            state = self.state[p]
+            state["step"] += 1
+            torch.compile(single_param_adam, fullgraph=True, dynamic=False)(
+                p.detach(),
+                p.grad,
+                state["step"],
+                state["exp_avg"],
+                state["exp_avg_sq"],
+                state.get("max_exp_avg_sq", None),
+                group["lr"],
+                group["betas"][0],
+                group["betas"][1],
+                group["weight_decay"],
+                group["eps"],
+                self.is_adamw,
+                self.bf16_stochastic_round and p.dtype is torch.bfloat16,
+            )
+
+        def _step_batch(self, params: list[Tensor], group: dict[str, Any]) -> None:
+            key = tuple(id(p) for p in params)
+            flat = self._batches.get(key)
+            if flat is None or not flat.owns(params, self.state):
+                flat = self._batches[key] = _FlatStates(params, self.state, OptimState8bit)
+            for p in params:
+                self.state[p]["step"] += 1
+            step = self.state[params[0]]["step"]
+            weights = torch.cat([p.detach().reshape(-1) for p in params])
+            grads = torch.cat([cast(Tensor, p.grad).reshape(-1) for p in params])
+            update = torch.compile(single_param_adam, fullgraph=True, dynamic=False)
+            for start in range(0, weights.numel(), self.CHUNK):
+                end = min(start + self.CHUNK, weights.numel())
+                exp_avg, exp_avg_sq = flat.chunk(start, end, params[0].dtype, OptimState8bit)
+                update(
+                    weights[start:end],
+                    grads[start:end],
+                    step,
+                    exp_avg,
+                    exp_avg_sq,
+                    None,
+                    group["lr"],
+                    group["betas"][0],
+                    group["betas"][1],
+                    group["weight_decay"],
+                    group["eps"],
+                    self.is_adamw,
+                    self.bf16_stochastic_round and params[0].dtype is torch.bfloat16,
+                )
+            parts = weights.split([p.numel() for p in params])
+            torch._foreach_copy_(
+                [p.detach() for p in params], [w.view(p.shape) for w, p in zip(parts, params, strict=True)]
+            )
+
+    return BatchedAdamW8bit
+
+
+class _FlatStates:
+    """The 8-bit moments of several tensors in four flat buffers; each tensor's state views its part."""
+
+    def __init__(self, params: list[Tensor], state: dict, state_class: type) -> None:
+        first = state[params[0]]
+        self.block = first["exp_avg"].block_size
+        self.buffers: dict[str, tuple[Tensor, Tensor, Tensor, bool]] = {}
+        for name in ("exp_avg", "exp_avg_sq"):
+            moments = [state[p][name] for p in params]
+            assert all(m.block_size == self.block and m.codes.numel() % self.block == 0 for m in moments)
+            # Copied from the tensors' own states: fresh zeros, or the ones a resume loaded.
+            codes = torch.cat([m.codes.reshape(-1) for m in moments])
+            scale = torch.cat([m.scale.reshape(-1) for m in moments])
+            qmap, signed = moments[0].qmap, moments[0].signed
+            self.buffers[name] = (codes, scale, qmap, signed)
+            offset = 0
+            for p, m in zip(params, moments, strict=True):
+                n = m.codes.numel()
+                view = state_class(
+                    codes[offset : offset + n].view(m.codes.shape),
+                    scale[offset // self.block : (offset + n) // self.block],
+                    qmap,
+                    signed,
+                    dtype=m.dtype,
+                )
+                state[p][name] = view
+                offset += n
+        self.views = [(state[p]["exp_avg"], state[p]["exp_avg_sq"]) for p in params]
+
+    def owns(self, params: list[Tensor], state: dict) -> bool:
+        """Whether the tensors' states are still the views made here (a load or a move replaces them)."""
+        return all(
+            state[p]["exp_avg"] is m and state[p]["exp_avg_sq"] is v
+            for p, (m, v) in zip(params, self.views, strict=True)
+        )
+
+    def chunk(self, start: int, end: int, dtype: torch.dtype, state_class: type) -> tuple[Tensor, Tensor]:
+        """The two moments of elements [start, end) as torchao states (start and end on block bounds)."""
+        assert start % self.block == 0 and (end % self.block == 0 or end == self.total), (start, end)
+        out = []
+        for name in ("exp_avg", "exp_avg_sq"):
+            codes, scale, qmap, signed = self.buffers[name]
+            blocks = scale[start // self.block : end // self.block]
+            out.append(state_class(codes[start:end], blocks, qmap, signed, dtype=dtype))
+        return out[0], out[1]
+
+    @property
+    def total(self) -> int:
+        return self.buffers["exp_avg"][0].numel()
 
 
 def _automagic(groups: list[dict[str, Any]], opt: OptimizerParams) -> torch.optim.Optimizer:
