@@ -218,11 +218,17 @@ def test_compile_summary_names_graphs_cache_and_time(
 def test_compiled_offloaded_halves_match_eager(
     expert: WanTransformer3DModel, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    from torch._dynamo.utils import counters
+
     monkeypatch.setattr(speed_options, "COMPILE_BACKEND", "aot_eager")
     torch._dynamo.reset()
+    counters.clear()
     plain = run(expert, gradient_checkpointing=False)
     offloaded = run(expert, gradient_checkpointing=True, activation_offload=True, compile=True)
     assert_same(offloaded, plain, exact=False)
+    # The attention half's graph break at the taped attention splits it in two: 3 graphs per grad
+    # mode (the forward without grad, the recompute with it), shared by every block.
+    assert counters["stats"]["unique_graphs"] == 6, dict(counters["stats"])
     torch._dynamo.reset()
 
 
@@ -247,7 +253,22 @@ def test_block_halves_equal_the_block(expert: WanTransformer3DModel) -> None:
     assert block_parts.split(torch.nn.Linear(2, 2)) is None  # not a Wan block: offloaded whole
 
 
-def test_offload_stores_the_input_of_each_block_half(expert: WanTransformer3DModel) -> None:
+def test_offload_keeps_half_inputs_and_self_attention_outputs(expert: WanTransformer3DModel) -> None:
+    """Per block: the attention half's input, its self-attention output and log-sum-exp, the
+    feed-forward half's input; in backward the self-attention op is not run again (its outputs come
+    back from the tape), and loss and gradients stay the plain path's bit for bit."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from wan_assets.core.speed.attention import ATTENTION_OPS, is_self_attention
+
+    class CountSelfAttention(TorchDispatchMode):  # below the tape: sees only the ops that really run
+        runs = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func in ATTENTION_OPS and is_self_attention(args):
+                CountSelfAttention.runs += 1
+            return func(*args, **(kwargs or {}))
+
     model = copy.deepcopy(expert)
     speed_options.apply_training_options(
         model, TrainConfig(gradient_checkpointing=True, activation_offload=True), MODEL, CPU
@@ -256,15 +277,100 @@ def test_offload_stores_the_input_of_each_block_half(expert: WanTransformer3DMod
     stored = []
     original = offload.ActivationOffloader.store
 
-    def counting(self, tensor):
-        stored.append(tuple(tensor.shape))
-        return original(self, tensor)
+    def recording(self, tensor, *, with_previous=False):
+        stored.append((tuple(tensor.shape), with_previous))
+        return original(self, tensor, with_previous=with_previous)
 
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(offload.ActivationOffloader, "store", counting)
-        with torch.autocast("cpu", dtype=torch.float32, enabled=False):
-            model(**inputs(), return_dict=False)[0].sum().backward()
-    assert len(stored) == 2 * len(model.blocks)
+    with pytest.MonkeyPatch.context() as patch, CountSelfAttention():
+        patch.setattr(offload.ActivationOffloader, "store", recording)
+        model(**inputs(), return_dict=False)[0].sum().backward()
+    tokens, dim = 48, TINY_TRANSFORMER["num_attention_heads"] * TINY_TRANSFORMER["attention_head_dim"]
+    heads = TINY_TRANSFORMER["num_attention_heads"]
+    per_block = [
+        ((1, tokens, dim), False),  # the attention half's input starts its group
+        ((1, heads, tokens, dim // heads), True),  # its attention output and log-sum-exp join it
+        ((1, heads, tokens), True),
+        ((1, tokens, dim), False),  # the feed-forward half's input
+    ]
+    assert stored == per_block * len(model.blocks)
+    assert CountSelfAttention.runs == len(model.blocks), "self-attention ran again in the recompute"
+
+
+def test_offload_bounds_the_copies_in_flight(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The host waits for the oldest device -> host copies once more than MAX_IN_FLIGHT bytes are
+    pending (their memory is not reusable before), and never for the newest."""
+    waited: list[int] = []
+
+    class Copy:
+        def __init__(self, n: int) -> None:
+            self.n = n
+
+        def synchronize(self) -> None:
+            waited.append(self.n)
+
+    monkeypatch.setattr(offload, "MAX_IN_FLIGHT", 100)
+    offloader = offload.ActivationOffloader(CPU)
+    for n in range(4):
+        offloader._bound_in_flight(Copy(n), 40)  # type: ignore[arg-type]
+    assert waited == [0, 1]  # 160 bytes pending after the 4th: wait for the oldest until 80 remain
+    offloader._bound_in_flight(Copy(4), 500)  # type: ignore[arg-type]
+    assert waited == [0, 1, 2, 3]  # one copy larger than the bound: only it stays pending
+
+
+def test_offload_prefetches_only_the_next_half_back_input() -> None:
+    """Slots as memory mode stores them (attention half: input, output, log-sum-exp; feed-forward
+    half: input): loading a half's input starts only the previous half's input copying, never its
+    taped outputs (at 480x832x81 under 24 GiB those two extra token x width tensors ran out of memory)."""
+    offloader = offload.ActivationOffloader(CPU)
+    x = torch.zeros(2)
+    for _ in range(2):  # two blocks
+        offloader.store(x)  # attention half's input
+        offloader.store(x, with_previous=True)  # its attention output
+        offloader.store(x, with_previous=True)  # and log-sum-exp
+        offloader.store(x)  # feed-forward half's input
+    assert [offloader.next_back(i) for i in range(8)] == [None, None, None, 0, 3, None, None, 4]
+    offloader.begin()
+    assert offloader.store(x, with_previous=True) == 0 and offloader.next_back(0) is None
+
+
+def test_taped_forward_asks_for_the_log_sumexp() -> None:
+    """Without grad, SDPA asks cuDNN / efficient attention for no log-sum-exp; the tape's replayed
+    backward needs it, so the recording turns it on (flash and the CPU kernel always compute it)."""
+    from wan_assets.core.speed.attention import with_log_sumexp
+
+    aten, q = torch.ops.aten, torch.zeros(1)
+    cudnn = (q, q, q, None, False, 0.0, False, False)
+    args, _ = with_log_sumexp(aten._scaled_dot_product_cudnn_attention.default, cudnn, {})
+    assert args[4] is True and args[5:] == cudnn[5:]
+    _, kwargs = with_log_sumexp(
+        aten._scaled_dot_product_efficient_attention.default, (q, q, q, None), {"compute_log_sumexp": False}
+    )
+    assert kwargs == {"compute_log_sumexp": True}
+    cpu = (q, q, q, 0.0, False)
+    assert with_log_sumexp(aten._scaled_dot_product_flash_attention_for_cpu.default, cpu, {}) == (cpu, {})
+
+
+def test_attention_tape_never_changes_what_runs() -> None:
+    """A replay without a record, or with the record of another op, runs the op itself."""
+    from wan_assets.core.speed.attention import AttentionTape
+
+    q = torch.randn(1, 2, 16, 8)
+    expected = torch.nn.functional.scaled_dot_product_attention(q, q, q)
+    kept: list[torch.Tensor] = []
+    tape = AttentionTape(keep=lambda t: kept.append(t.clone()) or len(kept) - 1)
+    with tape:
+        assert torch.equal(torch.nn.functional.scaled_dot_product_attention(q, q, q), expected)
+    assert len(kept) == 2  # output and log-sum-exp
+    kept[0].fill_(7.0)  # what comes back in the replay is what the tape kept
+    with tape.replay(kept.__getitem__):
+        assert (torch.nn.functional.scaled_dot_product_attention(q, q, q) == 7.0).all()
+        assert torch.equal(
+            torch.nn.functional.scaled_dot_product_attention(q, q, q), expected
+        )  # no record left
+    cross = torch.randn(1, 2, 4, 8)
+    with AttentionTape(keep=kept.append) as untaped:
+        torch.nn.functional.scaled_dot_product_attention(q, cross, cross)
+    assert not untaped.taped, "text cross-attention is recomputed, not taped"
 
 
 def test_fused_lora_gives_peft_loss_and_gradients(expert: WanTransformer3DModel) -> None:

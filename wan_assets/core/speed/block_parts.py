@@ -8,14 +8,18 @@ the peak is the larger half's rather than their sum, at no extra compute (one mo
 goes to CPU memory). Measured on an H100 at 512x512x81 (bench/README.md): 26.3 GiB peak with whole
 blocks, 23.6 GiB with halves, same s/step.
 
-The halves mirror diffusers 0.42's `WanTransformerBlock.forward` line for line; `split` refuses any
-other block class, and a test checks that the halves in sequence equal the block bit for bit.
+The halves mirror diffusers 0.42's `WanTransformerBlock.forward` line for line (and the attention
+half its self-attention processor, attention.py, so that offload keeps the attention output instead of
+recomputing it); `split` refuses any other block class, and a test checks that the halves in sequence
+equal the block bit for bit.
 """
 
 from __future__ import annotations
 
 import torch
 from diffusers.models.transformers.transformer_wan import WanTransformerBlock
+
+from wan_assets.core.speed import attention
 
 
 def _modulation(block: WanTransformerBlock, temb: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -51,7 +55,14 @@ class AttentionHalf(_Half):
         norm_hidden_states = (b.norm1(hidden_states.float()) * (1 + scale_msa) + shift_msa).type_as(
             hidden_states
         )
-        attn_output = b.attn1(norm_hidden_states, None, None, rotary_emb)
+        if attention.mirrors(b.attn1):  # the same, with the attention op's outputs kept (attention.py)
+            query, key, value = attention.query_key_value(b.attn1, norm_hidden_states, rotary_emb)
+            dtype = query.dtype
+            attn_output = attention.attend(b.attn1, query, key, value)
+            del query, key, value  # not held through the rest of the half (nor across the graph break)
+            attn_output = attention.project_out(b.attn1, attn_output, dtype)
+        else:
+            attn_output = b.attn1(norm_hidden_states, None, None, rotary_emb)
         hidden_states = (hidden_states.float() + attn_output * gate_msa).type_as(hidden_states)
         norm_hidden_states = b.norm2(hidden_states.float()).type_as(hidden_states)
         attn_output = b.attn2(norm_hidden_states, encoder_hidden_states, None, None)

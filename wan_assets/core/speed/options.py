@@ -46,6 +46,7 @@ from wan_assets.core.config import ModelConfig, TrainConfig, offloads_inactive_e
 from wan_assets.core.model import quantize
 from wan_assets.core.model.lora import fuse_lora_linears
 from wan_assets.core.speed import block_parts
+from wan_assets.core.speed.attention import ATTENTION_OPS, is_self_attention
 from wan_assets.core.speed.memory_plan import PLAN_FORMAT, MatmulPlanner, PlanStore
 from wan_assets.core.speed.offload import ActivationOffloader, offloaded_block
 
@@ -276,19 +277,6 @@ def _checkpointed_class(cls: type) -> type:
     return type(cls.__name__, (_CheckpointedBlock, cls), {"_wan_original_class": cls})
 
 
-def _attention_ops() -> frozenset:
-    aten = torch.ops.aten
-    names = (
-        "_scaled_dot_product_cudnn_attention",
-        "_scaled_dot_product_flash_attention",
-        "_scaled_dot_product_efficient_attention",
-        "_scaled_dot_product_flash_attention_for_cpu",
-        "_scaled_dot_product_fused_attention_overrideable",
-    )
-    return frozenset(getattr(aten, n).default for n in names if hasattr(aten, n))
-
-
-ATTENTION_OPS = _attention_ops()
 MATMUL_OPS = frozenset(
     {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten._scaled_mm.default}
 )
@@ -296,7 +284,7 @@ MATMUL_OPS = frozenset(
 
 def _save_attention(ctx, op, *args, **kwargs) -> CheckpointPolicy:
     # Self-attention only (keys as long as queries): cross-attention over 512 text tokens is cheap.
-    if op in ATTENTION_OPS and args[1].shape[-2] == args[0].shape[-2]:
+    if op in ATTENTION_OPS and is_self_attention(args):
         return CheckpointPolicy.MUST_SAVE
     return CheckpointPolicy.PREFER_RECOMPUTE
 
