@@ -732,7 +732,9 @@ def test_offload_keeps_nothing_of_the_patch_embedding(
         out = model(**inputs(), return_dict=False)[0]
         assert embedded[0]() is None, "the patch embedding's output outlived the forward"
         out.sum().backward()
-        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters() if p.requires_grad)
+        assert all(
+            p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters() if p.requires_grad
+        )
         torch._dynamo.reset()
         return counter.frame_count
 
