@@ -167,13 +167,18 @@ def _batched_adamw8bit() -> type:
             """torchao's own per-tensor step (its loop body, for the tensors it keeps unquantized)."""
             state = self.state[p]
             state["step"] += 1
+            moments = (state["exp_avg"], state["exp_avg_sq"], state.get("max_exp_avg_sq", None))
+            self._update(p.detach(), cast(Tensor, p.grad), state["step"], moments, group)
+
+        def _update(
+            self, p: Tensor, grad: Tensor, step: Tensor, moments: tuple, group: dict[str, Any]
+        ) -> None:
+            """torchao's compiled update of `p` (a parameter, or a chunk of the concatenated ones)."""
             torch.compile(single_param_adam, fullgraph=True, dynamic=False)(
-                p.detach(),
-                p.grad,
-                state["step"],
-                state["exp_avg"],
-                state["exp_avg_sq"],
-                state.get("max_exp_avg_sq", None),
+                p,
+                grad,
+                step,
+                *moments,
                 group["lr"],
                 group["betas"][0],
                 group["betas"][1],
@@ -193,25 +198,10 @@ def _batched_adamw8bit() -> type:
             step = self.state[params[0]]["step"]
             weights = torch.cat([p.detach().reshape(-1) for p in params])
             grads = torch.cat([cast(Tensor, p.grad).reshape(-1) for p in params])
-            update = torch.compile(single_param_adam, fullgraph=True, dynamic=False)
             for start in range(0, weights.numel(), self.CHUNK):
                 end = min(start + self.CHUNK, weights.numel())
                 exp_avg, exp_avg_sq = flat.chunk(start, end, params[0].dtype, OptimState8bit)
-                update(
-                    weights[start:end],
-                    grads[start:end],
-                    step,
-                    exp_avg,
-                    exp_avg_sq,
-                    None,
-                    group["lr"],
-                    group["betas"][0],
-                    group["betas"][1],
-                    group["weight_decay"],
-                    group["eps"],
-                    self.is_adamw,
-                    self.bf16_stochastic_round and params[0].dtype is torch.bfloat16,
-                )
+                self._update(weights[start:end], grads[start:end], step, (exp_avg, exp_avg_sq, None), group)
             parts = weights.split([p.numel() for p in params])
             torch._foreach_copy_(
                 [p.detach() for p in params], [w.view(p.shape) for w, p in zip(parts, params, strict=True)]
