@@ -14,6 +14,7 @@ from diffusers import WanTransformer3DModel
 from torch._dynamo.testing import CompileCounterWithBackend
 
 from wan_assets.core.config import ModelConfig, NetworkConfig, TrainConfig, parse_config
+from wan_assets.core.model import lora_gemm, quantize
 from wan_assets.core.model.lora import (
     TRAINED_ADAPTER,
     FusedLoraLinear,
@@ -407,6 +408,86 @@ def test_fused_lora_linear_math_and_fallbacks() -> None:
     with torch.autocast("cpu", dtype=torch.bfloat16):
         fused = layer(x)
     assert fused.dtype == torch.bfloat16 and (fused.float() - expected).abs().max() < 0.05
+
+
+def test_lora_gemm_ops_pass_opcheck_and_match_autograd() -> None:
+    # opcheck: schema, fake tensor (compile), AOT dispatch and the autograd registration.
+    torch.manual_seed(0)
+    x, w, b = torch.randn(6, 16), torch.randn(8, 16), torch.randn(8)
+    low, up = torch.randn(6, 4), torch.randn(8, 4)
+    for bias in (b, None):
+        leaves = [t.clone().requires_grad_(True) for t in (x, w, low, up)]
+        torch.library.opcheck(lora_gemm.linear_lora, (leaves[0], leaves[1], bias, leaves[2], leaves[3]))
+        out = lora_gemm.linear_lora(leaves[0], leaves[1], bias, leaves[2], leaves[3])
+        refs = [t.clone().requires_grad_(True) for t in (x, w, low, up)]
+        ref = refs[0] @ refs[1].t() + (0 if bias is None else bias) + refs[2] @ refs[3].t()
+        assert torch.allclose(out, ref, atol=1e-5)
+        grad = torch.randn_like(ref)
+        out.backward(grad)
+        ref.backward(grad)
+        for got, want in zip(leaves, refs, strict=True):
+            assert torch.allclose(got.grad, want.grad, atol=1e-4)
+    # The fp8 op (CPU emulates torch._scaled_mm): forward only, Float8LoraMatmul gives its gradients.
+    x_q, x_scale = quantize.quantize_rows(x)
+    w_q, w_scale = quantize.quantize_rows(w)
+    args = (x_q, w_q.t(), x_scale, w_scale.view(1, -1), b.bfloat16(), low.bfloat16(), up.bfloat16())
+    # (test_schema compares inputs arithmetically, which CPU fp8 tensors do not support.)
+    torch.library.opcheck(
+        lora_gemm.scaled_mm_lora, args, test_utils=("test_faketensor", "test_aot_dispatch_dynamic")
+    )
+    emulated = (x_q.float() * x_scale) @ (w_q.float() * w_scale).t() + b
+    got = lora_gemm.scaled_mm_lora(*args).float()
+    assert torch.allclose(got, (emulated.bfloat16().float() + low @ up.t()), rtol=0.02, atol=0.05)
+
+
+def test_fused_lora_writes_base_and_product_into_one_buffer() -> None:
+    # The old addmm(base(x), low, up^T) copied base(x) into a new buffer (a device-to-device copy of
+    # every linear's output on the GPU); the fused linear runs one op that writes the output once.
+    torch.manual_seed(0)
+    from peft import LoraConfig, inject_adapter_in_model
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.ops: list = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(func)
+            return func(*args, **(kwargs or {}))
+
+    model = inject_adapter_in_model(
+        LoraConfig(r=4, lora_alpha=2, target_modules=["0"]), torch.nn.Sequential(torch.nn.Linear(16, 8))
+    )
+    layer = model[0]
+    torch.nn.init.normal_(layer.lora_B["default"].weight)
+    x = torch.randn(3, 5, 16)
+    expected = layer(x)
+    fuse_lora_linears(model)
+    with Ops() as seen, torch.autocast("cpu", dtype=torch.bfloat16):
+        fused = layer(x)
+    ops = [str(op) for op in seen.ops]
+    assert "wan_assets.linear_lora.default" in ops and "aten.addmm.default" not in ops, ops
+    assert fused.dtype == torch.bfloat16 and (fused.float() - expected).abs().max() < 0.05
+    assert (
+        speed_options._save_attention_and_matmuls(None, torch.ops.wan_assets.linear_lora.default, x)
+        == torch.utils.checkpoint.CheckpointPolicy.MUST_SAVE
+    ), "the matmuls policy keeps the fused output as it kept the addmm's"
+    # An fp8 base: the same one op (CPU emulation), against the fp8 base plus the LoRA product.
+    layer.base_layer = Float8FrozenLinear(layer.base_layer, keep_transposed=False)
+    x_leaf = x.clone().requires_grad_(True)
+    with Ops() as seen, torch.autocast("cpu", dtype=torch.bfloat16):
+        fp8 = layer(x_leaf)
+    assert "wan_assets.scaled_mm_lora.default" in [str(op) for op in seen.ops]
+    a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    ref_x = x.clone().requires_grad_(True)
+    ref = layer.base_layer(ref_x).float() + 0.5 * (ref_x @ a.t() @ b.t())
+    assert (fp8.float() - ref).norm() / ref.norm() < 0.02
+    grad = torch.randn_like(ref)
+    fp8.float().backward(grad)
+    ref.backward(grad)
+    assert (x_leaf.grad - ref_x.grad).norm() / ref_x.grad.norm() < 0.02
+    assert b.grad is not None and a.grad is not None
 
 
 @pytest.mark.parametrize("qtype", ["qint8", "qfloat8"])

@@ -26,6 +26,8 @@ from safetensors.torch import load_file
 
 from wan_assets.core.config import NetworkConfig, NetworkKwargs
 from wan_assets.core.files import write_safetensors
+from wan_assets.core.model.lora_gemm import Float8LoraMatmul, linear_lora
+from wan_assets.core.model.quantize import Float8FrozenLinear
 
 logger = logging.getLogger(__name__)
 
@@ -118,14 +120,16 @@ def add_lora(
 
 
 class FusedLoraLinear(PeftLoraLinear):
-    """peft's LoRA Linear with the adapter product added to the base output by one GEMM.
+    """peft's LoRA Linear with the adapter product added to the base output inside one buffer.
 
     peft computes `base(x) + lora_B(lora_A(x)) * scale`: the B product, the scaling and the sum are
-    three full-size tensors. Here `addmm(base(x), lora_A(x), B^T, alpha=scale)` writes the sum from
-    the GEMM's epilogue (rounded once, in fp32 accumulation). Selective checkpointing then keeps
-    one output per linear instead of the base's and the B product's (speed/options.py). Anything but one
-    plain active adapter (merged, disabled, several adapters, DoRA and other variants, extra
-    arguments) takes peft's own forward.
+    three full-size tensors. Here the base GEMM writes the output and the LoRA GEMM accumulates
+    `lora_A(x) @ (scale B)^T` into it (`lora_gemm.linear_lora`, or `Float8LoraMatmul` on an fp8
+    base; rounded once, in fp32 accumulation). Selective checkpointing then keeps one output per
+    linear instead of the base's and the B product's (speed/options.py). Other base layers
+    (weight-only quantized) take `addmm(base(x), lora_A(x), B^T)`, which copies the base output
+    once. Anything but one plain active adapter (merged, disabled, several adapters, DoRA and other
+    variants, extra arguments) takes peft's own forward.
 
     The scale is read from `wan_scale`, a 0-dim fp32 buffer that `set_lora_scale` fills in place, and
     multiplies the small up-projection weight (r x out) before the GEMM: a compiled graph takes it
@@ -143,24 +147,66 @@ class FusedLoraLinear(PeftLoraLinear):
         name = adapters[0]
         if name not in self.lora_A or name in self.lora_variant:
             return super().forward(x, *args, **kwargs)
-        result = self.base_layer(x)
         low = self.lora_A[name](
             self.lora_dropout[name](self._cast_input_dtype(x, self.lora_A[name].weight.dtype))
         )
         up = self.lora_B[name].weight
-        if not torch.is_autocast_enabled(result.device.type) and not result.dtype == low.dtype == up.dtype:
-            # Mixed dtypes without autocast: peft's arithmetic and promotion.
-            return (result + self.lora_B[name](low) * self.scaling[name]).to(result.dtype)
         if name == self.wan_scale_name:
             # The graph's scale input, in the weight's fp32; autocast rounds the product to bf16 once.
             # (peft's float `scaling` is not read here: a compiled graph would guard on its value.)
             up, alpha = up * self.wan_scale, 1.0
+            fused = _one_buffer(self.base_layer, x, low, up)
+            if fused is not None:
+                return fused
         else:
             alpha = self.scaling[name]
+        result = self.base_layer(x)
+        if not torch.is_autocast_enabled(result.device.type) and not result.dtype == low.dtype == up.dtype:
+            # Mixed dtypes without autocast: peft's arithmetic and promotion.
+            return (result + self.lora_B[name](low) * self.scaling[name]).to(result.dtype)
         out = torch.addmm(
             result.reshape(-1, result.shape[-1]), low.reshape(-1, low.shape[-1]), up.t(), alpha=alpha
         )
         return out.view(result.shape).to(result.dtype)
+
+
+def _one_buffer(
+    base: torch.nn.Module, x: torch.Tensor, low: torch.Tensor, up: torch.Tensor
+) -> torch.Tensor | None:
+    """base(x) + low @ up^T by lora_gemm's one-buffer ops, or None where they do not apply (another
+    base layer, or mixed dtypes without autocast)."""
+    device = x.device.type
+    autocast = torch.is_autocast_enabled(device)
+    lead, low_2d = x.shape[:-1], low.reshape(-1, low.shape[-1])
+    # A plain weight: torchao's weight-only quantization keeps nn.Linear with a tensor subclass.
+    if type(base) is torch.nn.Linear and type(base.weight) in (torch.nn.Parameter, torch.Tensor):
+        linear = cast(torch.nn.Linear, base)
+        if autocast:
+            dtype = torch.get_autocast_dtype(device)
+        elif x.dtype == linear.weight.dtype == low.dtype == up.dtype:
+            dtype = x.dtype
+        else:
+            return None
+        bias = linear.bias.to(dtype) if linear.bias is not None else None
+        x_2d = x.reshape(-1, linear.in_features).to(dtype)
+        out = linear_lora(x_2d, linear.weight.to(dtype), bias, low_2d.to(dtype), up.to(dtype))
+        return out.view(*lead, linear.out_features)
+    if type(base) is Float8FrozenLinear:
+        fp8 = cast(Float8FrozenLinear, base)
+        bf16 = torch.bfloat16
+        if not autocast and not low.dtype == up.dtype == bf16:
+            return None
+        out = Float8LoraMatmul.apply(
+            x.reshape(-1, fp8.in_features),
+            fp8.weight_fp8,
+            fp8.weight_scale,
+            fp8.weight_fp8_t,
+            fp8.bias,
+            low_2d.to(bf16),
+            up.to(bf16),
+        )
+        return out.view(*lead, fp8.out_features)
+    return None
 
 
 def fuse_lora_linears(transformer: torch.nn.Module) -> int:

@@ -78,15 +78,42 @@ def quantize_rows(x_mk: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def scaled_matmul(
-    a_mk: torch.Tensor, b_kn: torch.Tensor, scale_a: torch.Tensor, scale_b: torch.Tensor, *, fast_accum: bool
+    a_mk: torch.Tensor,
+    b_kn: torch.Tensor,
+    scale_a: torch.Tensor,
+    scale_b: torch.Tensor,
+    *,
+    fast_accum: bool,
+    bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """(a * scale_a) @ (b * scale_b) in bf16 for e4m3 a (row-major) and b (column-major)."""
+    """(a * scale_a) @ (b * scale_b) (+ bias, in the GEMM's epilogue) in bf16 for e4m3 a (row-major)
+    and b (column-major)."""
+    bias = bias.to(torch.bfloat16) if bias is not None else None
     if a_mk.is_cuda:
         return torch._scaled_mm(
-            a_mk, b_kn, scale_a=scale_a, scale_b=scale_b, out_dtype=torch.bfloat16, use_fast_accum=fast_accum
+            a_mk,
+            b_kn,
+            scale_a=scale_a,
+            scale_b=scale_b,
+            bias=bias,
+            out_dtype=torch.bfloat16,
+            use_fast_accum=fast_accum,
         )
     # CPU has no fp8 tensor cores: the same arithmetic in fp32, so tests can check the math.
-    return ((a_mk.float() * scale_a) @ (b_kn.float() * scale_b)).to(torch.bfloat16)
+    out = (a_mk.float() * scale_a) @ (b_kn.float() * scale_b)
+    return (out if bias is None else out + bias.float()).to(torch.bfloat16)
+
+
+def input_gradient(
+    grad_mn: torch.Tensor, w_nk: torch.Tensor, w_scale_n: torch.Tensor, w_t_kn: torch.Tensor | None
+) -> torch.Tensor:
+    """dx = g @ W for W = diag(w_scale) w_nk, on the fp8 tensor cores: = (g * s) @ W_q, the weight's
+    scale folds into the gradient's columns, so the stored e4m3 weight serves as it is."""
+    g_q, g_scale = quantize_rows(grad_mn.float() * w_scale_n)
+    # Column-major [N, K]: the stored transpose when kept, else made for this call.
+    w_cm = w_t_kn.t() if w_t_kn is not None else w_nk.t().contiguous().t()
+    ones = torch.ones(1, w_nk.shape[1], device=w_nk.device, dtype=torch.float32)
+    return scaled_matmul(g_q, w_cm, g_scale, ones, fast_accum=False)
 
 
 class _Float8FrozenMatmul(torch.autograd.Function):
@@ -102,13 +129,7 @@ class _Float8FrozenMatmul(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_mn):
         w_nk, w_scale_n, w_t_kn = ctx.saved_tensors
-        # dx = g @ (diag(s) W_q) = (g * s) @ W_q: the weight's scale folds into the gradient's columns,
-        # so the stored e4m3 weight serves the backward matmul as it is.
-        g_q, g_scale = quantize_rows(grad_mn.float() * w_scale_n)
-        # Column-major [N, K]: the stored transpose when kept, else made for this call.
-        w_cm = w_t_kn.t() if w_t_kn is not None else w_nk.t().contiguous().t()
-        ones = torch.ones(1, w_nk.shape[1], device=w_nk.device, dtype=torch.float32)
-        return scaled_matmul(g_q, w_cm, g_scale, ones, fast_accum=False), None, None, None
+        return input_gradient(grad_mn, w_nk, w_scale_n, w_t_kn), None, None, None
 
 
 class Float8FrozenLinear(torch.nn.Module):

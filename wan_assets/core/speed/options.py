@@ -43,7 +43,7 @@ from peft.tuners.lora.layer import LoraLayer
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from wan_assets.core.config import ModelConfig, TrainConfig, offloads_inactive_expert
-from wan_assets.core.model import quantize
+from wan_assets.core.model import lora_gemm, quantize
 from wan_assets.core.model.lora import fuse_lora_linears
 from wan_assets.core.speed import block_parts
 from wan_assets.core.speed.attention import ATTENTION_OPS, is_self_attention
@@ -279,6 +279,7 @@ def _checkpointed_class(cls: type) -> type:
 
 MATMUL_OPS = frozenset(
     {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten._scaled_mm.default}
+    | lora_gemm.FUSED_OPS
 )
 
 
@@ -290,7 +291,7 @@ def _save_attention(ctx, op, *args, **kwargs) -> CheckpointPolicy:
 
 
 def _save_attention_and_matmuls(ctx, op, *args, **kwargs) -> CheckpointPolicy:
-    # Under compile only what backward reads is kept: with the fused LoRA addmm, one output per
+    # Under compile only what backward reads is kept: with the fused LoRA GEMM, one output per
     # linear (not the base's and the adapter's), the attention inputs and outputs.
     if op in MATMUL_OPS or op in ATTENTION_OPS:
         return CheckpointPolicy.MUST_SAVE
