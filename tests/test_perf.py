@@ -427,6 +427,12 @@ def test_lora_gemm_ops_pass_opcheck_and_match_autograd() -> None:
         ref.backward(grad)
         for got, want in zip(leaves, refs, strict=True):
             assert torch.allclose(got.grad, want.grad, atol=1e-4)
+    # A frozen base weight (every LoRA run): the input is not kept for a weight gradient.
+    saved: list[int] = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.data_ptr()) or t, lambda t: t):
+        x_leaf = x.clone().requires_grad_(True)
+        lora_gemm.linear_lora(x_leaf, w, b, low.clone().requires_grad_(True), up)
+    assert x_leaf.data_ptr() not in saved and len(saved) == 3, saved  # weight, low, up
     # The fp8 op (CPU emulates torch._scaled_mm): forward only, Float8LoraMatmul gives its gradients.
     x_q, x_scale = quantize.quantize_rows(x)
     w_q, w_scale = quantize.quantize_rows(w)

@@ -35,7 +35,9 @@ def _(x, weight, bias, low, up):
 
 def _linear_lora_setup(ctx, inputs, output) -> None:
     x, weight, _bias, low, up = inputs
-    ctx.save_for_backward(x, weight, low, up)
+    # x only for a trained base weight: a frozen one (every LoRA run) must not keep each linear's
+    # input alive in eager mode (compiled graphs drop what backward never reads anyway).
+    ctx.save_for_backward(x if weight.requires_grad else None, weight, low, up)
 
 
 def _linear_lora_backward(ctx, grad):
