@@ -27,6 +27,7 @@ bench/README.md for the device-box command lines and the results.
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import json
 import logging
@@ -1050,6 +1051,33 @@ def scaling(results: list[Result]) -> str:
     return "\n".join(lines)
 
 
+def inductor_settings(text: str) -> dict:
+    """Set `name=value,...` on torch._inductor.config (numbers and true/false parsed); what was set."""
+    import torch._inductor.config as inductor
+
+    settings = {}
+    for item in filter(None, text.split(",")):
+        name, _, raw = item.partition("=")
+        value: object = {"true": True, "false": False}.get(raw.lower(), raw)
+        if isinstance(value, str) and value.lstrip("-").isdigit():
+            value = int(value)
+        owner, _, leaf = name.rpartition(".")
+        target = functools.reduce(getattr, owner.split("."), inductor) if owner else inductor
+        if not hasattr(target, leaf):
+            raise SystemExit(f"--inductor: torch._inductor.config has no {name}")
+        setattr(target, leaf, value)
+        settings[name] = value
+    return settings
+
+
+def compile_timers() -> dict[str, float]:
+    """Seconds per timer of torch.compile in this process so far (dynamo's `dynamo_timed` keys:
+    tracing, code generation, loading, Triton's autotuning at first call, ...)."""
+    from torch._dynamo.utils import compilation_time_metrics
+
+    return {k: sum(v) for k, v in compilation_time_metrics.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -1071,6 +1099,11 @@ def main() -> None:
     )
     parser.add_argument("--memory-cap", type=float, default=0, help="GiB: cap the allocator in memory modes")
     parser.add_argument("--caps", default="", help="mode=GiB,...: cap the allocator in these modes")
+    parser.add_argument(
+        "--inductor",
+        default="",
+        help="name=value,...: torch._inductor.config settings (triton.autotune_pointwise=0)",
+    )
     parser.add_argument("--deadline-at", type=float, default=0, help="unix time: start nothing after it")
     parser.add_argument("--out", default=os.environ.get("OUT", "bench_out"))
     args = parser.parse_args()
@@ -1096,6 +1129,8 @@ def main() -> None:
         f"warm-up {args.warmup}, timed {args.steps} (median)"
     )
     log(env)
+    for name, value in inductor_settings(args.inductor).items():
+        log(f"torch._inductor.config.{name} = {value!r}")
     _forward_warnings(log)
     micro_results = micro(log) if args.micro else {}
     floors = {size: kernel_floor(size, args.layers, log) for size in sizes} if args.floor else {}
@@ -1112,6 +1147,7 @@ def main() -> None:
     results, ref = [], {}
     for mode in modes:
         job = bench_job(tmp, mode)
+        timers = compile_timers()
         began = time.perf_counter()
         applied = setup_mode(mode, model, job)
         log(
@@ -1144,6 +1180,10 @@ def main() -> None:
         from torch._dynamo.utils import counters
 
         log(f"{mode}: dynamo graph breaks {dict(counters['graph_break'])}, stats {dict(counters['stats'])}")
+        spent = {k: v - timers.get(k, 0.0) for k, v in compile_timers().items()}
+        costliest = sorted(((v, k) for k, v in spent.items() if v >= 0.05), reverse=True)[:12]
+        if costliest:
+            log(f"{mode}: compile seconds " + ", ".join(f"{k} {v:.1f}" for v, k in costliest))
     log("")
     log(env)
     log(table(results))

@@ -336,6 +336,8 @@ def compile_summary() -> str | None:
         "code generation": "GraphLowering.compile_to_module",
         "loading compiled code": "PyCodeCache.load_by_key_path",
         "guards": "build_guards",
+        # Triton's autotuning: each kernel's candidate configs timed on the GPU at its first call.
+        "autotuning": "CachingAutotuner.benchmark_all_configs",
     }
     spent = [
         f"{label} {sum(compilation_time_metrics[k]):.1f}"
