@@ -657,6 +657,42 @@ def test_memory_planner_scales_a_new_token_count_from_a_measured_one() -> None:
     assert step(500) == 40, "a smaller count fits every block at once"
 
 
+def test_memory_planner_keeps_every_block_at_once_where_even_a_bad_guess_fits(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With room for twice the guess in every block, the first step keeps matmuls everywhere: no
+    probe steps, and the other policy's graph is never needed. A larger count that no longer fits
+    every block measures from scratch; an out-of-memory step splits the figures and plans within
+    the halved count; a second process plans from the kept figures at once."""
+    monkeypatch.setattr(memory_plan, "_SHARED", {})
+    memory = _FakeMemory(capacity_gib=200)  # room 200 - (2 + 8) margin - 30 allocated = 160 GiB
+    path = tmp_path / "plan.json"
+    planner = _planner(PlanStore(path, "card | a"), memory)
+    assert [memory.step(planner, 1000) for _ in range(3)] == [40, 40, 40]
+    assert [b.wan_policy for b in planner.blocks] == ["matmuls"] * 40
+    saved = json.loads(path.read_text())["card | a"]["1000"]
+    assert (saved["kept_all"], saved["working"], saved["kept_plain"]) == (50 * GIB, 5 * GIB, None)
+    # 3000 tokens, scaled: 1.1 x 3 x (50 + 5) = 181.5 GiB > 160, so it keeps none, probes one block,
+    # then fills: plain 30, working 15, 3 GiB per block -> (160 - 30 - 15) / 3 -> 38 blocks.
+    assert [memory.step(planner, 3000) for _ in range(3)] == [0, 1, 38]
+    # 500 tokens scales from the split figures of 3000 (they are preferred): every block fits.
+    assert memory.step(planner, 500) == 40
+
+    monkeypatch.setattr(memory_plan, "_SHARED", {})  # a new process reads the file
+    again = _planner(PlanStore(path, "card | a"), memory)
+    assert memory.step(again, 1000) == 40, "planned from the file: still no probe"
+    assert memory.step(again, 1000, finish=False) == 40  # out of memory
+    # Limit 20: keeping none measures plain 10 GiB, so per block (50 - 10) / 40 = 1 GiB: 20 blocks.
+    assert [memory.step(again, 1000) for _ in range(2)] == [0, 20]
+
+    other_memory = _FakeMemory(capacity_gib=200)
+    fresh = _planner(None, other_memory)
+    assert other_memory.step(fresh, 1000) == 40
+    # Scaled from every-block figures alone: 1.1 x 2 x (50 + 5) = 121 GiB fits; then measured as it ran.
+    assert other_memory.step(fresh, 2000) == 40
+    assert fresh.shapes[2000].kept_all == 100 * GIB and not fresh.shapes[2000].scaled
+
+
 class _Allocator:
     """A CUDA caching allocator as the planner sees it in the training loop: the peak is reset at each
     step start, before the forward; a step whose peak passes the capacity runs out of memory."""

@@ -7,6 +7,12 @@ compiler's choices, so it is measured rather than guessed, separately for each t
   step 1  no block keeps matmuls: activations kept after the forward, and the step's peak;
   step 2  one block keeps them, if twice a generous guess of its cost fits: its extra bytes;
   then    as many blocks as fit under the device's memory with a margin.
+Where twice the guess for every block (and two more for the backward) fits outright, step 1 keeps
+matmuls in every block instead and nothing is probed: each policy is a graph of its own to compile
+(options.py), and a run that never needs the other policy never pays for it (a cold compile of one
+block graph costs 14-28 s, bench/README.md, warm-up). Should every block later not fit (less memory,
+an out-of-memory step), that token count's next step keeps none, which splits what the first one
+kept into the plain part and the per-block part, and plans from there.
 Once one token count is measured, a new one is not probed again: what it keeps and needs grows with
 its tokens, so its first step runs the measured figures scaled to its tokens (per token, the largest
 any measured count showed, plus a tenth), and its own measurements replace the scaled ones from then
@@ -50,7 +56,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 GIB = 2**30
 SCALED_SAFETY = 1.1  # on per-token figures carried over from another token count
-PLAN_FORMAT = 1  # in every key: a planner whose figures mean something else never reads old ones
+PLAN_FORMAT = 2  # in every key: a planner whose figures mean something else never reads old ones
 
 
 @dataclass
@@ -59,6 +65,7 @@ class _Shape:
 
     kept_plain: int | None = None  # bytes kept by a forward where no block keeps matmuls
     per_block: float | None = None  # extra bytes per block that keeps matmuls
+    kept_all: int | None = None  # bytes kept by a forward where every block keeps matmuls
     working: int = 0  # peak minus what the forward kept (the backward's working memory)
     limit: int | None = None  # most blocks allowed, after a step that ran out of memory
     limit_capacity: int | None = None  # the memory that step had: the limit holds up to it (None: always)
@@ -74,8 +81,13 @@ class _Shape:
         return self.limit
 
     @property
+    def split(self) -> bool:
+        """Both the plain and the per-block figure are known (any count can be planned)."""
+        return self.kept_plain is not None and self.per_block is not None
+
+    @property
     def measured(self) -> bool:
-        return self.kept_plain is not None and self.per_block is not None and not self.scaled
+        return (self.split or self.kept_all is not None) and not self.scaled
 
 
 def _check_figures(shape: _Shape) -> None:
@@ -84,6 +96,7 @@ def _check_figures(shape: _Shape) -> None:
     ok = (
         (shape.kept_plain is None or type(shape.kept_plain) is int)
         and (shape.per_block is None or (isinstance(shape.per_block, number) and shape.per_block > 0))
+        and (shape.kept_all is None or type(shape.kept_all) is int)
         and type(shape.working) is int
         and (shape.limit is None or type(shape.limit) is int)
         and (shape.limit_capacity is None or type(shape.limit_capacity) is int)
@@ -234,45 +247,66 @@ class MatmulPlanner:
             return
         kept = self._after - before
         working = peak - self._after
+        blocks = len(self.blocks)
         if shape.scaled:
             # The first step of this token count ran on scaled figures: what it kept and needed is
             # measured now; the split between plain and per-block keeps the scaled per-block figure.
             shape.scaled, shape.working = False, working
-            assert shape.per_block is not None, "a scaled shape carries a per-block figure"
+            if not shape.split:  # scaled from every-block figures, and every block kept matmuls
+                shape.kept_all = kept
+                return
+            assert shape.per_block is not None, "a split shape carries a per-block figure"
             shape.kept_plain = max(kept - int(count * shape.per_block), 0)
             return
         shape.working = max(shape.working, working)
         if count == 0:
             shape.kept_plain = kept
+            if shape.kept_all is not None and shape.per_block is None:
+                shape.per_block = max(shape.kept_all - kept, 1) / blocks
         elif shape.kept_plain is not None:
             shape.per_block = max(kept - shape.kept_plain, 1) / count
+        elif count == blocks:
+            shape.kept_all = kept
 
     def _choose(self, shape: _Shape, tokens: int, allocated: int, capacity: int) -> int:
-        limit = shape.limit_with(capacity, default=len(self.blocks))
-        if shape.kept_plain is None:
+        blocks = len(self.blocks)
+        limit = shape.limit_with(capacity, default=blocks)
+        if shape.kept_plain is None and shape.kept_all is None:
             self._scale_from_measured(shape, tokens)
-        if shape.kept_plain is None or limit == 0:
+        if limit == 0:
             return 0
-        room = capacity - _margin(capacity) - allocated - shape.kept_plain - shape.working
-        if shape.per_block is None:  # probe one block, and only where even a bad guess fits
-            return 1 if room > 2 * self.guess_per_token * tokens else 0
-        return max(0, min(limit, int(room // shape.per_block)))
+        room = capacity - _margin(capacity) - allocated
+        if shape.split:
+            assert shape.kept_plain is not None and shape.per_block is not None, "split figures"
+            return max(0, min(limit, int((room - shape.kept_plain - shape.working) // shape.per_block)))
+        if shape.kept_plain is not None:  # probe one block, and only where even a bad guess fits
+            return 1 if room - shape.kept_plain - shape.working > 2 * self.guess_per_token * tokens else 0
+        if shape.kept_all is not None:  # only a step with every block keeping matmuls is known
+            if limit >= blocks and room >= shape.kept_all + shape.working:
+                return blocks
+            if shape.scaled:  # another count's figures: this one measures from scratch
+                shape.kept_all, shape.working, shape.scaled = None, 0, False
+            return 0
+        if limit >= blocks and room > 2 * self.guess_per_token * tokens * (blocks + 2):
+            return blocks  # every block at once, where even a bad guess fits: no probes, one policy
+        return 0
 
     def _scale_from_measured(self, shape: _Shape, tokens: int) -> None:
         """Fill a new token count's figures from the measured ones, per token (the largest, plus a tenth)."""
-        measured = {
-            t: m
-            for t, m in self.shapes.items()
-            if m.kept_plain is not None and m.per_block is not None and not m.scaled and m.limit is None
-        }
+        usable = {t: m for t, m in self.shapes.items() if m.measured and m.limit is None}
+        split = {t: m for t, m in usable.items() if m.split}
+        measured = split or usable  # every-block figures only where no count has split ones
         if not measured:
             return
 
         def scaled(value: Callable[[_Shape], float]) -> float:
             return SCALED_SAFETY * tokens * max(value(m) / t for t, m in measured.items())
 
-        shape.kept_plain = int(scaled(lambda m: m.kept_plain or 0))
-        shape.per_block = scaled(lambda m: m.per_block or 0.0)
+        if split:
+            shape.kept_plain = int(scaled(lambda m: m.kept_plain or 0))
+            shape.per_block = scaled(lambda m: m.per_block or 0.0)
+        else:
+            shape.kept_all = int(scaled(lambda m: m.kept_all or 0))
         shape.working = int(scaled(lambda m: m.working))
         shape.scaled = True
 
