@@ -1102,7 +1102,7 @@ def main() -> None:
     parser.add_argument(
         "--inductor",
         default="",
-        help="name=value,...: torch._inductor.config settings (triton.autotune_pointwise=0)",
+        help="name=value,...: torch._inductor.config settings (triton.autotune_pointwise=false)",
     )
     parser.add_argument("--deadline-at", type=float, default=0, help="unix time: start nothing after it")
     parser.add_argument("--out", default=os.environ.get("OUT", "bench_out"))
